@@ -1,0 +1,62 @@
+"""Bitmap and zero-page C helpers against a pure-Python model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrated.kernel import GuestMemory, PageBitmap, find_zero_pages
+
+
+def model_runs(bits: list[bool], value: bool, max_len: int) -> list[tuple[int, int]]:
+    out, i = [], 0
+    while i < len(bits):
+        if bits[i] == value:
+            j = i
+            while j < len(bits) and bits[j] == value and (not max_len or j - i < max_len):
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), max_size=300), st.booleans(), st.integers(0, 70))
+def test_runs_match_model(bits: list[bool], value: bool, max_len: int) -> None:
+    bm = PageBitmap(len(bits))
+    for i, b in enumerate(bits):
+        if b:
+            bm.set(i)
+    assert bm.count() == sum(bits)
+    assert list(bm.runs(value, max_len)) == model_runs(bits, value, max_len)
+    assert [bm[i] for i in range(len(bits))] == bits
+
+
+def test_ranges_or_andnot() -> None:
+    a, b = PageBitmap(1000), PageBitmap(1000)
+    a.set(3, 200)
+    b.set(100, 400)
+    assert a.or_count_new(b) == 297  # [203, 500) is new
+    assert a.count() == 497
+    a.andnot(b)
+    assert list(a.runs()) == [(3, 97)]
+    a.clear(3, 97)
+    assert a.count() == 0
+    with pytest.raises(IndexError):
+        a.set(999, 2)
+
+
+def test_find_zero_pages() -> None:
+    with GuestMemory.create(64 * 4096) as mem:
+        rng = random.Random(1)
+        nonzero = set(rng.sample(range(64), 20))
+        for p in nonzero:
+            mem.view[p * 4096 + rng.randrange(4096)] = 1 + rng.randrange(255)
+        out = PageBitmap(64)
+        assert find_zero_pages(mem.address, 64, 4096, out) == 44
+        assert {i for i in range(64) if not out[i]} == nonzero
