@@ -1,0 +1,41 @@
+"""The embedded VMM: boots guests under the boot ABI (docs/boot-abi.md), runs their
+vCPUs in threads, pauses/resumes them, and captures/restores their state."""
+
+from .config import GuestConfig, VmConfig, load_config
+from .devices import Command, StatusCode, StatusReport
+from .image import ImageInfo
+from .machine import (
+    KICK_SIGNAL,
+    CrashInfo,
+    Machine,
+    MachineStateError,
+    MachineStatus,
+    MemoryRegion,
+    Runstate,
+    VcpuRunstate,
+    VcpuStatus,
+    install_kick_handler,
+)
+from .state import VmState, VmStateError
+
+__all__ = [
+    "KICK_SIGNAL",
+    "Command",
+    "CrashInfo",
+    "GuestConfig",
+    "ImageInfo",
+    "Machine",
+    "MachineStateError",
+    "MachineStatus",
+    "MemoryRegion",
+    "Runstate",
+    "StatusCode",
+    "StatusReport",
+    "VcpuRunstate",
+    "VcpuStatus",
+    "VmConfig",
+    "VmState",
+    "VmStateError",
+    "install_kick_handler",
+    "load_config",
+]
