@@ -178,11 +178,11 @@ class MessageSpec:
     fields: tuple[tuple[str, Kind], ...]
     payload: Payload = Payload.NONE
 
-    @property
-    def header_len(self) -> int:
-        """Number of elements in the header array, type code included."""
+    header_len: int = 0  # derived: elements in the header array, type code included
+
+    def __post_init__(self) -> None:
         extra = {Payload.NONE: 0, Payload.PAGES: 1, Payload.BLOB: 2, Payload.BITMAP: 2}
-        return 1 + len(self.fields) + extra[self.payload]
+        object.__setattr__(self, "header_len", 1 + len(self.fields) + extra[self.payload])
 
 
 _RANGE = (("gpa", U64), ("npages", COUNT))
@@ -231,6 +231,9 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(18, ev.Cancel, (("reason", TEXT),)),
     MessageSpec(19, ev.ReceivedBitmap, (), Payload.BITMAP),
 )
+
+PAGES_CODE = 6  # the hot message; Connection has a fast path checked against the table
+U64_LIMIT = _U64_LIMIT
 
 BY_CODE: dict[int, MessageSpec] = {spec.code: spec for spec in MESSAGES}
 BY_CLASS: dict[type, MessageSpec] = {spec.cls: spec for spec in MESSAGES}
@@ -424,6 +427,11 @@ OutOfData = msgpack.OutOfData
 def packb(wire: list[Any]) -> bytes:
     """msgpack-encode a header list (bin type for bytes, str type for text)."""
     return msgpack.packb(wire, use_bin_type=True)
+
+
+def new_packer() -> Callable[[Any], bytes]:
+    """A reusable header encoder equivalent to :func:`packb` (not thread-safe)."""
+    return msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def new_unpacker() -> Any:

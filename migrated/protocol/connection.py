@@ -82,6 +82,7 @@ CHANNEL_RULES: dict[tuple[ChannelRole, Role], frozenset[type]] = {
 }
 
 _RANGE_EVENTS = (ev.ZeroPages, ev.Discard, ev.PageRequest)
+_PAGES_SPEC = codec.BY_CODE[codec.PAGES_CODE]
 # Bytes fed to the msgpack decoder at a time while looking for the end of a header.
 _HEADER_WINDOW = 512
 
@@ -152,6 +153,7 @@ class Connection:
         self.error_sent = False
         self.error_received = False
         self._bitmap_due = False  # resumed MAIN: ReceivedBitmap must follow Welcome
+        self._fast_send = self._fast_recv = False
         self._send_allowed = CHANNEL_RULES[(channel, role)]
         self._recv_allowed = CHANNEL_RULES[(channel, role.peer)]
         # Receive buffer: immutable chunks (views of bytes objects), consumed from _head.
@@ -161,6 +163,7 @@ class Connection:
         self._eof = False
         self._dead: ProtocolError | None = None
         self._unpacker = codec.new_unpacker()
+        self._pack = codec.new_packer()
         self._tell0 = 0
         self._hdr_fed = 0
         # Current payload (valid while _pl_event is not None).
@@ -181,6 +184,7 @@ class Connection:
         if self.layout is not None and self.layout != layout:
             raise LocalProtocolError("this connection already has a different memory layout")
         self.layout = layout
+        self._update_fast()
 
     def set_payload_sink(self, sink: PayloadSink | None) -> None:
         """Install ``sink(header_event) -> memoryview | None`` for zero-copy payloads.
@@ -203,6 +207,10 @@ class Connection:
         allowed now on this connection.
         """
         t = type(event)
+        if t is ev.Pages and self._fast_send:
+            fast = self._send_pages_fast(event)
+            if fast is not None:
+                return fast
         if self.error_sent:
             raise LocalProtocolError("this connection already sent Error; close it")
         if t is not ev.Error:
@@ -213,7 +221,7 @@ class Connection:
                 if t in _RANGE_EVENTS:
                     codec.check_event_ranges(event, self.layout)
                 self._after_send(event, t)
-                return [codec.packb(wire)]
+                return [self._pack(wire)]
             trailer, view = codec.encode_trailer(
                 spec, event, self.layout, self.max_frame_payload, self.checksum
             )
@@ -221,7 +229,42 @@ class Connection:
             raise LocalProtocolError(f"cannot send {t.__name__}: {exc}", code=exc.code) from None
         wire += trailer
         self._after_send(event, t)
-        return [codec.packb(wire), view]
+        return [self._pack(wire), view]
+
+    def _send_pages_fast(self, event: ev.Pages) -> list[bytes | memoryview] | None:
+        """Pages on an open connection, hand-inlined; returns None to fall back to the
+        table-driven path (which then raises the precise error).  Produces exactly the
+        bytes the table path produces (a test checks)."""
+        gpa, npages, data, request_id = event.gpa, event.npages, event.data, event.request_id
+        layout = self.layout
+        if (
+            type(gpa) is not int
+            or type(npages) is not int
+            or type(request_id) is not int
+            or type(data) is not memoryview
+            or layout is None
+            or not 0 < npages < 1 << 32
+            or not 0 <= request_id < codec.U64_LIMIT
+            or data.format != "B"
+            or data.ndim != 1
+            or not data.c_contiguous
+        ):
+            return None
+        try:
+            nbytes = layout.range_nbytes(gpa, npages)
+        except RemoteProtocolError:
+            return None
+        if nbytes != data.nbytes or nbytes > self.max_frame_payload:
+            return None
+        algo = self.checksum
+        checksum = None if algo is None else codec.CHECKSUMS[algo](data)
+        return [self._pack([codec.PAGES_CODE, gpa, npages, request_id, checksum]), data]
+
+    def _update_fast(self) -> None:
+        """Recompute whether Pages may take the fast paths (open, layout known, ...)."""
+        usable = self.phase is Phase.OPEN and self.layout is not None and not self._bitmap_due
+        self._fast_send = usable and not self.error_sent and ev.Pages in self._send_allowed
+        self._fast_recv = usable and not self.error_received and ev.Pages in self._recv_allowed
 
     def _check_send_allowed(self, event: Any, t: type) -> None:
         phase = self.phase
@@ -266,6 +309,7 @@ class Connection:
             self.layout = event.layout
         elif t is ev.ReceivedBitmap:
             self._bitmap_due = False
+        self._update_fast()
 
     def _open(self, welcome: ev.Welcome) -> None:
         assert self.hello is not None
@@ -308,7 +352,7 @@ class Connection:
             self._eof = True
             return
         view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
+        if type(data) is not bytes and (view.format != "B" or view.ndim != 1):
             view = view.cast("B")
         target = self._pl_target
         if target is not None and self._navail == 0:
@@ -362,23 +406,37 @@ class Connection:
         if self._dead is not None:
             raise self._dead
         try:
-            return self._next_event()
+            if self._pl_event is not None:
+                return self._continue_payload()
+            obj = self._read_header()
+            if obj is ev.NEED_DATA:
+                return self._at_need_data()
+            if (
+                self._fast_recv
+                and type(obj) is list
+                and len(obj) == 5
+                and obj[0] == codec.PAGES_CODE
+                and type(obj[0]) is int
+            ):
+                header = self._recv_pages_fast(obj)
+                if header is not None:
+                    return self._continue_payload()
+            return self._decode(obj)
         except ProtocolError as exc:
             self._dead = exc
             raise
 
-    def _next_event(self) -> Any:
-        if self._pl_event is not None:
-            return self._continue_payload()
-        obj = self._read_header()
-        if obj is ev.NEED_DATA:
-            if not self._eof:
-                return obj
-            if self._navail or self._hdr_fed:
-                raise RemoteProtocolError(
-                    "the stream ended inside a frame header", code=ev.ErrorCode.TRUNCATED
-                )
-            return ev.ConnectionClosed()
+    def _at_need_data(self) -> Any:
+        if not self._eof:
+            return ev.NEED_DATA
+        if self._navail or self._hdr_fed:
+            raise RemoteProtocolError(
+                "the stream ended inside a frame header", code=ev.ErrorCode.TRUNCATED
+            )
+        return ev.ConnectionClosed()
+
+    def _decode(self, obj: Any) -> Any:
+        """The table-driven path for every header."""
         spec, event, trailer = codec.decode_fields(obj)
         t = spec.cls
         if self.error_received:
@@ -397,6 +455,51 @@ class Connection:
             raise RemoteProtocolError(f"invalid {t.__name__}: {exc}", code=exc.code) from None
         self._begin_payload(spec, event, nbytes, checksum)
         return self._continue_payload()
+
+    def _recv_pages_fast(self, obj: list[Any]) -> ev.Pages | None:
+        """A Pages header on an open connection, hand-inlined: validates it and starts
+        its payload.  Returns None (nothing consumed or started) to let the
+        table-driven path decide and raise; raises RemoteProtocolError ("bad-range")
+        for a range outside the layout.  Accepts exactly what the table path accepts."""
+        _, gpa, npages, request_id, checksum = obj
+        if (
+            type(gpa) is not int
+            or type(npages) is not int
+            or type(request_id) is not int
+            or not 0 < npages < 1 << 32
+            or not 0 <= request_id < codec.U64_LIMIT
+        ):
+            return None
+        if self.checksum is None:
+            if checksum is not None:
+                return None
+        elif type(checksum) is not int or not 0 <= checksum < codec.U64_LIMIT:
+            return None
+        assert self.layout is not None
+        nbytes = self.layout.range_nbytes(gpa, npages)
+        if nbytes > self.max_frame_payload:
+            return None
+        header = ev.Pages(gpa, npages, None, request_id)
+        self._pl_spec = _PAGES_SPEC
+        self._pl_event = header
+        self._pl_nbytes = nbytes
+        self._pl_filled = 0
+        self._pl_checksum = checksum
+        self._pl_target = None
+        if self._sink is not None:
+            buf = self._sink(header)
+            if buf is not None:
+                if (
+                    type(buf) is memoryview
+                    and buf.nbytes == nbytes
+                    and not buf.readonly
+                    and buf.format == "B"
+                    and buf.c_contiguous
+                ):
+                    self._pl_target = buf
+                else:
+                    self._pl_target = self._check_sink_buffer(buf, nbytes)
+        return header
 
     def _read_header(self) -> Any:
         """Decode the next msgpack header from the buffered chunks, or NEED_DATA."""
@@ -421,7 +524,7 @@ class Connection:
                 )
             chunk = self._chunks[self._head]
             take = min(chunk.nbytes, _HEADER_WINDOW, ev.MAX_HEADER_NBYTES - self._hdr_fed)
-            up.feed(chunk[:take])
+            up.feed(chunk if take == chunk.nbytes else chunk[:take])
             self._consume(chunk, take)
             self._hdr_fed += take
         tell = up.tell()
@@ -509,6 +612,7 @@ class Connection:
             self.layout = event.layout
         elif t is ev.ReceivedBitmap:
             self._bitmap_due = False
+        self._update_fast()
 
     # --- payloads --------------------------------------------------------------------
 
@@ -582,9 +686,10 @@ class Connection:
                     f"({self.checksum}: got {actual:#x}, header says {checksum:#x})",
                     code=ev.ErrorCode.CHECKSUM,
                 )
+        # The header event (the one the sink saw) becomes the complete event.  It is
+        # frozen for callers; filling its payload here is the one exception.
+        object.__setattr__(header, "data", data)
         t = spec.cls
-        if t is ev.Pages:
-            return ev.Pages(header.gpa, header.npages, data, header.request_id)
-        event = t(data)
-        self._after_receive(event, t)
-        return event
+        if t is not ev.Pages:
+            self._after_receive(header, t)
+        return header

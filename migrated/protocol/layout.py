@@ -82,6 +82,8 @@ class MemoryLayout:
     # Derived lookup tables; not part of equality.  _first_index[i] is the global page
     # index of region i's first page.
     _first_index: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # (start gpa, end gpa, page size) per region, for the hot range check.
+    _spans: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
     total_pages: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class MemoryLayout:
             first.append(index)
             index += region.npages
         object.__setattr__(self, "_first_index", tuple(first))
+        spans = tuple((r.gpa, r.end_gpa, r.page_size) for r in regions)
+        object.__setattr__(self, "_spans", spans)
         object.__setattr__(self, "total_pages", index)
 
     @property
@@ -118,13 +122,11 @@ class MemoryLayout:
         Raises RemoteProtocolError (code "bad-range") when the range is not page
         aligned, ``npages < 1``, or it is not entirely inside one region.
         """
-        if npages >= 1:
-            for region in self.regions:
-                start = region.gpa
-                if start <= gpa < start + region.nbytes:
-                    ps = region.page_size
-                    nbytes = npages * ps
-                    if gpa % ps == 0 and gpa + nbytes <= start + region.nbytes:
+        if type(gpa) is int and type(npages) is int and npages >= 1:
+            for start, end, page_size in self._spans:
+                if start <= gpa < end:
+                    nbytes = npages * page_size
+                    if not gpa & (page_size - 1) and gpa + nbytes <= end:
                         return nbytes
                     break
         raise RemoteProtocolError(
