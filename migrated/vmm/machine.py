@@ -222,6 +222,7 @@ class Machine:
         self._runstate = Runstate.CREATED
         self._pause_requested = False
         self._stop_requested = False
+        self._started = False  # start() settled the run state; vCPU threads may run
         self._closed = False
         self._owns_kvm = kvm is None
         self._kvm = kvm if kvm is not None else Kvm.open()
@@ -394,6 +395,7 @@ class Machine:
                 r.thread.start()
             ok = self._cond.wait_for(lambda: all(r.init_done for r in live), timeout_s)
             failed = next((r for r in live if r.init_error is not None), None)
+            self._started = True
             if ok and failed is None:
                 if not live:
                     self._runstate = Runstate.STOPPED
@@ -401,6 +403,8 @@ class Machine:
                     self._runstate = Runstate.PAUSED if paused else Runstate.RUNNING
                 self._cond.notify_all()
                 return
+            self._stop_requested = True
+            self._cond.notify_all()
         self.stop()
         if failed is not None:
             raise MachineStateError(
@@ -410,8 +414,13 @@ class Machine:
 
     def pause(self, *, timeout_s: float = _THREAD_JOIN_S) -> float:
         """Stop every vCPU outside KVM_RUN with its I/O completed; returns the seconds it
-        took.  Raises MachineStateError unless RUNNING (or if a vCPU does not park in
-        ``timeout_s``, e.g. it waits for a page that never comes), GuestCrashed if the
+        took.
+
+        Raises MachineStateError unless RUNNING, or if a vCPU does not park within
+        ``timeout_s``; then the pause is rolled back and the machine stays RUNNING.  The
+        usual cause is a vCPU blocked inside KVM_RUN on a page userfaultfd has not
+        installed: measured on kvm_pvm, the kick signal does not interrupt that wait
+        (KVM_RUN returns only once the page is there).  Raises GuestCrashed if the
         guest crashed meanwhile."""
         t0 = time.monotonic()
         with self._cond:
@@ -428,8 +437,19 @@ class Machine:
             if self._runstate is Runstate.CRASHED:
                 self.raise_if_crashed()
             if not settled:
+                # Roll back: the machine keeps running rather than being left half
+                # paused.  Vcpus that did park run on; the busy ones never stopped.
                 busy = [r.vcpu.index for r in self._runners if r.runstate not in _SETTLED]
-                raise MachineStateError(f"vCPU(s) {busy} did not pause within {timeout_s:g} s")
+                self._pause_requested = False
+                for r in self._runners:
+                    r.vcpu.immediate_exit = False
+                self._cond.notify_all()
+                raise MachineStateError(
+                    f"vCPU(s) {busy} did not leave KVM_RUN within {timeout_s:g} s; "
+                    "the machine keeps running",
+                    hint="a vCPU blocked on a guest page userfaultfd has not installed yet "
+                    "cannot be kicked out; serve the page, then pause again",
+                )
             if self._runstate is Runstate.RUNNING:
                 self._runstate = Runstate.PAUSED
         return time.monotonic() - t0
@@ -545,14 +565,23 @@ class Machine:
         )
 
     def wait_stopped(self, timeout_s: float = 30.0) -> Runstate:
-        """Wait until the machine is STOPPED or CRASHED; returns which."""
+        """Wait until the machine is STOPPED or CRASHED and every vCPU is out of KVM_RUN
+        for good; returns which.  Raises TimeoutError."""
         with self._cond:
             done = self._cond.wait_for(
-                lambda: self._runstate in (Runstate.STOPPED, Runstate.CRASHED), timeout_s
+                lambda: (
+                    self._runstate in (Runstate.STOPPED, Runstate.CRASHED)
+                    and all(r.runstate in _SETTLED for r in self._runners)
+                ),
+                timeout_s,
             )
             if not done:
                 raise TimeoutError(f"machine still {self._runstate.value} after {timeout_s:g} s")
             return self._runstate
+
+    def console_tail(self) -> bytes:
+        """The last few KiB the guest wrote to the console."""
+        return self.console.tail()
 
     def status(self) -> MachineStatus:
         vcpus = []
@@ -650,6 +679,8 @@ class Machine:
         with self._cond:
             r.init_done = True
             self._cond.notify_all()
+            # Run nothing before start() has settled the run state.
+            self._cond.wait_for(lambda: self._started)
         try:
             self._run_loop(r)
         except BaseException as exc:  # a bug or an unexpected KVM error: a crash, not a traceback
