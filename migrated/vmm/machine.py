@@ -137,6 +137,23 @@ class MachineStatus:
     vcpus: tuple[VcpuStatus, ...]
     console_bytes: int
 
+    def describe(self) -> str:
+        """Human lines, e.g. for ``migrated status``."""
+        lines = [
+            f"{self.name} ({self.uuid}): {self.runstate.value}, "
+            f"{self.memory_bytes >> 20} MiB, {len(self.vcpus)} vCPU(s)"
+        ]
+        for v in self.vcpus:
+            line = f"  vCPU {v.index}: {v.runstate.value}"
+            if v.last_report is not None:
+                line += f"; {v.last_report.text}"
+            if v.last_progress is not None:
+                line += f"; {v.last_progress.text}"
+            lines.append(line)
+            if v.crash is not None:
+                lines.append("    " + v.crash.describe().replace("\n", "\n    "))
+        return "\n".join(lines)
+
 
 @dataclass
 class MemoryRegion:
@@ -584,23 +601,22 @@ class Machine:
         return self.console.tail()
 
     def status(self) -> MachineStatus:
+        """A consistent snapshot of the run states, latest reports and crash records."""
+        reports = self.board.all_reports()
+        with self._cond:
+            runstate = self._runstate
+            per_vcpu = [(r.vcpu.index, r.runstate, r.crash) for r in self._runners]
         vcpus = []
-        for r in self._runners:
-            i = r.vcpu.index
-            latest = self.board.latest(i)
+        for i, vcpu_runstate, crash in per_vcpu:
+            mine = [rep for rep in reports if rep.vcpu == i]
+            others = [rep for rep in mine if rep.code != StatusCode.PROGRESS]
+            latest = max(others, key=lambda rep: rep.seq) if others else None
             progress = self.board.latest(i, StatusCode.PROGRESS)
-            if latest is not None and latest.code == StatusCode.PROGRESS:
-                others = [
-                    rep
-                    for rep in self.board.all_reports()
-                    if rep.vcpu == i and rep.code != StatusCode.PROGRESS
-                ]
-                latest = max(others, key=lambda rep: rep.seq) if others else None
-            vcpus.append(VcpuStatus(i, r.runstate, latest, progress, r.crash))
+            vcpus.append(VcpuStatus(i, vcpu_runstate, latest, progress, crash))
         return MachineStatus(
             name=self.config.name,
             uuid=self.config.uuid,
-            runstate=self._runstate,
+            runstate=runstate,
             memory_bytes=sum(reg.nbytes for reg in self.regions),
             vcpus=tuple(vcpus),
             console_bytes=self.console.bytes_written,

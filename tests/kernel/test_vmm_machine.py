@@ -201,3 +201,18 @@ def test_corruption_and_lost_pages_are_detected() -> None:
         m.resume()
         (fail,) = m.verify(timeout_s=30)
         assert not fail.ok and fail.args[0] == 40 * MiB and fail.args[2] == 0
+
+
+def test_status_describes_reports_and_crashes(tmp_path: Path) -> None:
+    with Machine.boot(memstress(memory_mib=16, vcpus=1)) as m:
+        m.start()
+        m.wait_ready(timeout_s=10)
+        m.verify(timeout_s=10)
+        text = m.status().describe()
+        assert "running, 16 MiB, 1 vCPU(s)" in text
+        assert "vCPU 0: running; verify ok" in text
+    with Machine.boot(image_config(tmp_path, UD2)) as m:
+        m.start()
+        m.wait_stopped(timeout_s=10)
+        text = m.status().describe()
+        assert "crashed" in text and "triple fault" in text and "rip=0x100000" in text
