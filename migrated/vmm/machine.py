@@ -226,6 +226,7 @@ class Machine:
         kvm: Kvm | None,
         memory: GuestMemory | None,
         console: str | None,
+        own_memory: bool = False,
         initial_states: Sequence[VcpuState] | None = None,
         halted: Sequence[bool] | None = None,
         board: StatusBoard | None = None,
@@ -256,7 +257,7 @@ class Machine:
             if memory is None:
                 memory, owned = GuestMemory.create(config.memory_bytes), True
             else:
-                owned = False
+                owned = own_memory
                 if memory.nbytes != config.memory_bytes:
                     raise ValueError(
                         f"guest memory of {memory.nbytes} bytes supplied for a VM of "
@@ -284,18 +285,28 @@ class Machine:
         *,
         kvm: Kvm | None = None,
         memory: GuestMemory | None = None,
+        own_memory: bool = False,
         console: str | None = None,
     ) -> Machine:
         """A machine whose vCPUs will start at the guest's entry under the boot ABI.
 
         Loads the image and writes the boot area (page tables, GDT/TSS, parameters)
-        into guest memory, which must be zero (fresh) when supplied.  ``console``
-        overrides ``config.console``.  Raises ConfigError/GuestBuildError for a bad
-        image, OSError when KVM refuses.
+        into guest memory, which must be zero (fresh) when supplied; supplied memory is
+        closed by ``close()`` only with ``own_memory=True``.  ``console`` overrides
+        ``config.console``.  Raises ConfigError/GuestBuildError for a bad image, OSError
+        when KVM refuses.
         """
         data, info = load_image(config.guest, config.memory_bytes)
         params = config.guest.boot_params(config.vcpus)
-        machine = cls(config, image=info, params=params, kvm=kvm, memory=memory, console=console)
+        machine = cls(
+            config,
+            image=info,
+            params=params,
+            kvm=kvm,
+            memory=memory,
+            own_memory=own_memory,
+            console=console,
+        )
         try:
             view = machine.memory.view
             for gpa, blob in boot.build_boot_area(
@@ -314,6 +325,7 @@ class Machine:
         state: VmState,
         *,
         memory: GuestMemory | None = None,
+        own_memory: bool = False,
         config: VmConfig | None = None,
         kvm: Kvm | None = None,
         console: str | None = None,
@@ -321,9 +333,10 @@ class Machine:
         """A machine whose vCPUs continue from ``state``.
 
         ``memory`` is the guest RAM to run on, supplied from outside (already filled,
-        or registered with userfaultfd so vCPUs fault pages in); if None, zeroed RAM
-        is created and the caller fills ``machine.memory`` before ``start()``.  This
-        method never touches guest memory.  ``config`` defaults to the one in the
+        or registered with userfaultfd so vCPUs fault pages in); ``close()`` closes it
+        only with ``own_memory=True``.  If None, zeroed RAM is created (and owned) and
+        the caller fills ``machine.memory`` before ``start()``.  This method never
+        touches guest memory.  ``config`` defaults to the one in the
         state.  Raises VmStateError when the state does not fit (size, vCPU count).
         """
         if config is None:
@@ -347,6 +360,7 @@ class Machine:
             params=state.params,
             kvm=kvm,
             memory=memory,
+            own_memory=own_memory,
             console=console,
             initial_states=state.vcpus,
             halted=state.halted,
@@ -595,6 +609,15 @@ class Machine:
             if not done:
                 raise TimeoutError(f"machine still {self._runstate.value} after {timeout_s:g} s")
             return self._runstate
+
+    def vcpu_thread_ids(self) -> dict[int, int]:
+        """Kernel thread id (as userfaultfd reports with UFFD_FEATURE_THREAD_ID) ->
+        vCPU index, for the vCPU threads started so far."""
+        ids = {}
+        for r in self._runners:
+            if r.thread is not None and r.thread.native_id is not None:
+                ids[r.thread.native_id] = r.vcpu.index
+        return ids
 
     def console_tail(self) -> bytes:
         """The last few KiB the guest wrote to the console."""

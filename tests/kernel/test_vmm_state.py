@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from migrated.kernel import GuestMemory, Userfaultfd
+from migrated.kernel import GuestMemory, UffdFeature, Userfaultfd
 from migrated.vmm import (
     Machine,
     MachineStateError,
@@ -194,10 +194,11 @@ def test_restore_onto_userfaultfd_memory(paused_source: Machine) -> None:
     state = paused_source.capture_state()
     snapshot = bytes(paused_source.memory.view)
     memory = GuestMemory.create(len(snapshot))
-    uffd = Userfaultfd.open()
+    uffd = Userfaultfd.open(UffdFeature.THREAD_ID)
     uffd.register(memory.address, memory.nbytes)
     serving, done = threading.Event(), threading.Event()
     served = [0]
+    faulting_threads: set[int] = set()
 
     def serve() -> None:
         while not done.is_set():
@@ -208,6 +209,7 @@ def test_restore_onto_userfaultfd_memory(paused_source: Machine) -> None:
                 offset = (event.address - memory.address) & ~4095
                 uffd.copy(memory.address + offset, snapshot[offset : offset + 4096], 4096)
                 served[0] += 1
+                faulting_threads.add(event.thread_id)
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
@@ -222,6 +224,10 @@ def test_restore_onto_userfaultfd_memory(paused_source: Machine) -> None:
             reports = m.verify(timeout_s=30)
             assert all(r.ok for r in reports), [r.text for r in reports]
             assert served[0] > 0
+            # Only vCPU threads fault: nothing else in the VMM touches guest memory.
+            if UffdFeature.THREAD_ID in uffd.features:
+                assert faulting_threads <= set(m.vcpu_thread_ids())
+                assert sorted(m.vcpu_thread_ids().values()) == [0, 1]
             m.pause()
             assert {v.runstate for v in m.status().vcpus} == {VcpuRunstate.PARKED}
     finally:
@@ -229,3 +235,14 @@ def test_restore_onto_userfaultfd_memory(paused_source: Machine) -> None:
         server.join()
         uffd.close()
         memory.close()
+
+
+def test_own_memory_is_closed_with_the_machine(paused_source: Machine) -> None:
+    state = paused_source.capture_state()
+    kept, given = copy_of(paused_source.memory), copy_of(paused_source.memory)
+    with Machine.restore(state, memory=kept):
+        pass
+    with Machine.restore(state, memory=given, own_memory=True):
+        pass
+    assert not kept.closed and given.closed
+    kept.close()
