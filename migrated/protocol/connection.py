@@ -126,7 +126,9 @@ class Connection:
     """One endpoint of one TCP connection.  See the module docstring for the contract.
 
     ``role`` is this side's role (the source connects).  ``channel`` is what the
-    connection carries.  ``layout`` may be given for URGENT/BULK connections and for
+    connection carries; a destination that accepts connections does not know that
+    yet and passes ``None``: the connection then adopts the role its ``Hello``
+    announces.  ``layout`` may be given for URGENT/BULK connections and for
     resumed MAIN connections (a fresh MAIN connection learns it from ``Setup``).
     ``max_frame_payload`` bounds a ``Pages`` payload in bytes (≤ 16 MiB).
     """
@@ -134,13 +136,15 @@ class Connection:
     def __init__(
         self,
         role: Role,
-        channel: ChannelRole = ChannelRole.MAIN,
+        channel: ChannelRole | None = ChannelRole.MAIN,
         *,
         layout: MemoryLayout | None = None,
         max_frame_payload: int = ev.MAX_PAGES_PAYLOAD_NBYTES,
     ) -> None:
         if not 0 < max_frame_payload <= ev.MAX_PAGES_PAYLOAD_NBYTES:
             raise ValueError(f"max_frame_payload must be 1..{ev.MAX_PAGES_PAYLOAD_NBYTES}")
+        if channel is None and role is not Role.DESTINATION:
+            raise ValueError("only an accepting destination may leave the channel unknown")
         self.role = role
         self.channel = channel
         self.layout = layout
@@ -154,8 +158,10 @@ class Connection:
         self.error_received = False
         self._bitmap_due = False  # resumed MAIN: ReceivedBitmap must follow Welcome
         self._fast_send = self._fast_recv = False
-        self._send_allowed = CHANNEL_RULES[(channel, role)]
-        self._recv_allowed = CHANNEL_RULES[(channel, role.peer)]
+        self._send_allowed: frozenset[type] = frozenset()
+        self._recv_allowed: frozenset[type] = frozenset()
+        if channel is not None:
+            self._adopt_channel(channel)
         # Receive buffer: immutable chunks (views of bytes objects), consumed from _head.
         self._chunks: list[memoryview] = []
         self._head = 0
@@ -175,6 +181,11 @@ class Connection:
         self._pl_checksum: int | None = None
         self._pl_target: memoryview | None = None
         self._pl_parts: list[memoryview] = []
+
+    def _adopt_channel(self, channel: ChannelRole) -> None:
+        self.channel = channel
+        self._send_allowed = CHANNEL_RULES[(channel, self.role)]
+        self._recv_allowed = CHANNEL_RULES[(channel, self.role.peer)]
 
     # --- configuration ---------------------------------------------------------------
 
@@ -272,7 +283,7 @@ class Connection:
             if t not in self._send_allowed:
                 raise LocalProtocolError(
                     f"the {self.role.value} may not send {t.__name__} on the "
-                    f"{self.channel.name} channel",
+                    f"{self.channel.name if self.channel else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
             if self._bitmap_due and t is not ev.ReceivedBitmap:
@@ -464,6 +475,7 @@ class Connection:
         _, gpa, npages, request_id, checksum = obj
         if (
             type(gpa) is not int
+            or gpa < 0
             or type(npages) is not int
             or type(request_id) is not int
             or not 0 < npages < 1 << 32
@@ -565,7 +577,7 @@ class Connection:
             if t not in self._recv_allowed:
                 raise RemoteProtocolError(
                     f"the {self.role.peer.value} may not send {t.__name__} on the "
-                    f"{self.channel.name} channel",
+                    f"{self.channel.name if self.channel else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
             if self._bitmap_due and t is not ev.ReceivedBitmap and t is not ev.Error:
@@ -581,6 +593,8 @@ class Connection:
         if t is ev.Error and phase is not Phase.CLOSED:
             return
         if phase is Phase.START and self.role is Role.DESTINATION and t is ev.Hello:
+            if self.channel is None:
+                return  # adopted in _after_receive
             if event.role is not self.channel:
                 raise RemoteProtocolError(
                     f"Hello announces a {event.role.name} channel on a {self.channel.name} "
@@ -600,6 +614,8 @@ class Connection:
         if t is ev.ZeroPages:
             return
         if t is ev.Hello:
+            if self.channel is None:
+                self._adopt_channel(event.role)
             self.hello = event
             self.phase = Phase.HANDSHAKE
         elif t is ev.Welcome:

@@ -63,6 +63,7 @@ class Loopback:
         resume: bool = False,
     ) -> tuple[ev.Hello, ev.Welcome]:
         """Hello → Welcome; returns both events as the peers decoded them."""
+        assert self.source.channel is not None  # a source always knows its channel
         hello = ev.Hello(
             ev.PROTOCOL_VERSION,
             ev.MIN_PROTOCOL_VERSION,
