@@ -244,11 +244,25 @@ BY_CLASS: dict[type, MessageSpec] = {spec.cls: spec for spec in MESSAGES}
 CHECKSUM_XXH3 = "xxh3"
 CHECKSUM_CRC32 = "crc32"
 
-ChecksumFn = Callable[[Any], int]
-CHECKSUMS: dict[str, ChecksumFn] = {
-    CHECKSUM_XXH3: xxhash.xxh3_64_intdigest,
-    CHECKSUM_CRC32: zlib.crc32,
-}
+
+def _xxh3(data: Any, seed: int) -> int:
+    return xxhash.xxh3_64_intdigest(data, seed)
+
+
+def _crc32(data: Any, seed: int) -> int:
+    return zlib.crc32(data, zlib.crc32(seed.to_bytes(8, "little")))
+
+
+#: ``fn(payload, seed) -> int``.  The seed binds the payload to its place: it is the
+#: ``gpa`` for Pages and 0 for other payloads.  xxh3: XXH3_64bits_withSeed(payload,
+#: seed).  crc32: zlib's crc32 over the 8-byte little-endian seed, then the payload.
+ChecksumFn = Callable[[Any, int], int]
+CHECKSUMS: dict[str, ChecksumFn] = {CHECKSUM_XXH3: _xxh3, CHECKSUM_CRC32: _crc32}
+
+
+def checksum_seed(event: Any) -> int:
+    """The checksum seed of a payload message: its gpa for Pages, else 0."""
+    return event.gpa if type(event) is ev.Pages else 0
 
 
 def choose_checksum(features: frozenset[str]) -> str | None:
@@ -349,7 +363,9 @@ def encode_trailer(
         raise FieldError(
             f"{spec.cls.__name__} payload is {declared} bytes, its header needs {needed}"
         )
-    checksum = None if checksum_algo is None else CHECKSUMS[checksum_algo](view)
+    checksum = (
+        None if checksum_algo is None else CHECKSUMS[checksum_algo](view, checksum_seed(event))
+    )
     if spec.payload is Payload.PAGES:
         return [checksum], view
     return [declared, checksum], view

@@ -268,7 +268,7 @@ class Connection:
         if nbytes != data.nbytes or nbytes > self.max_frame_payload:
             return None
         algo = self.checksum
-        checksum = None if algo is None else codec.CHECKSUMS[algo](data)
+        checksum = None if algo is None else codec.CHECKSUMS[algo](data, gpa)
         return [self._pack([codec.PAGES_CODE, gpa, npages, request_id, checksum]), data]
 
     def _update_fast(self) -> None:
@@ -695,7 +695,7 @@ class Connection:
         checksum = self._pl_checksum
         self._pl_event = self._pl_spec = self._pl_target = None
         if checksum is not None and self.checksum is not None:
-            actual = codec.CHECKSUMS[self.checksum](data)
+            actual = codec.CHECKSUMS[self.checksum](data, codec.checksum_seed(header))
             if actual != checksum:
                 raise RemoteProtocolError(
                     f"{spec.cls.__name__} payload checksum mismatch "
