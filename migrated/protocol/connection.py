@@ -83,6 +83,7 @@ CHANNEL_RULES: dict[tuple[ChannelRole, Role], frozenset[type]] = {
 
 _RANGE_EVENTS = (ev.ZeroPages, ev.Discard, ev.PageRequest)
 _PAGES_SPEC = codec.BY_CODE[codec.PAGES_CODE]
+_EMPTY = memoryview(b"")
 # Bytes fed to the msgpack decoder at a time while looking for the end of a header.
 _HEADER_WINDOW = 512
 
@@ -431,6 +432,8 @@ class Connection:
             ):
                 header = self._recv_pages_fast(obj)
                 if header is not None:
+                    if not self._navail and not self._eof:
+                        return ev.NEED_DATA  # the usual case: the payload is still on the wire
                     return self._continue_payload()
             return self._decode(obj)
         except ProtocolError as exc:
@@ -552,7 +555,11 @@ class Connection:
     def _consume(self, chunk: memoryview, take: int) -> None:
         self._navail -= take
         if take == chunk.nbytes:
-            self._chunks[self._head] = chunk[:0]
+            if not self._navail:
+                self._chunks.clear()
+                self._head = 0
+                return
+            self._chunks[self._head] = _EMPTY
             self._head += 1
             if self._head == len(self._chunks):
                 self._chunks.clear()
