@@ -1,0 +1,294 @@
+"""``migrated``: the command line.
+
+Exit codes (documented in the README and `migrated --help`):
+
+0  completed
+1  failed, and the VM is still running on the source
+2  usage or configuration error (nothing was changed)
+3  postcopy interrupted: the VM is on the destination, do not restart the source
+4  VM state unknown: check both hosts before doing anything
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from migrated.errors import ConfigError, MigratedError
+
+EXIT_CODES = """exit codes:
+  0  completed
+  1  failed; the VM is still running on the source
+  2  usage or configuration error
+  3  postcopy interrupted: the VM lives on the destination, do NOT restart the source;
+     recover with `migrated recover`
+  4  VM state unknown: check both hosts with `migrated status` first"""
+
+
+def _loop_policy() -> None:
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class Printer:
+    """Events to stdout as JSON lines (--json) or to stderr as short human lines."""
+
+    def __init__(self, as_json: bool, *, progress: bool = True) -> None:
+        self.as_json = as_json
+        self.tty = sys.stderr.isatty()
+        self.progress = progress
+        self._line_open = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.as_json:
+            print(json.dumps(event), flush=True)
+            return
+        kind = event.get("event")
+        if kind == "progress":
+            if self.progress and self.tty:
+                sys.stderr.write("\r\033[K" + _progress_text(event))
+                sys.stderr.flush()
+                self._line_open = True
+            return
+        if self._line_open:
+            sys.stderr.write("\n")
+            self._line_open = False
+        if kind == "result":
+            return  # printed by the command
+        text = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "stats"))
+        print(f"migrated: {kind}: {text}", file=sys.stderr, flush=True)
+
+
+def _progress_text(e: dict[str, Any]) -> str:
+    total = e.get("total_pages") or 1
+    if "pages_remaining" in e:
+        done = total - e["pages_remaining"]
+        extra = f"requests {e.get('requests_served', 0)}"
+    else:
+        done = e.get("pages_installed", 0)
+        extra = f"faults {e.get('faults', 0)}"
+    pct = min(99.9, 100.0 * done / total)  # 100 % only once the destination confirms
+    rate = e.get("rate_bytes_per_s")
+    rate_text = f"{rate / 1e9:.2f} GB/s  " if rate else ""
+    return (
+        f"[{e.get('status')}] {pct:5.1f}%  {e.get('transferred_bytes', 0) / 2**20:.0f} MiB  "
+        f"{rate_text}{extra}  {e.get('elapsed_s', 0):.1f}s"
+    )
+
+
+# -- commands hosting a VM --------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from migrated.service.preflight import check_host
+    from migrated.service.vmhost import VmHost
+    from migrated.vmm import load_config
+
+    config = load_config(args.config)
+    if args.console:
+        config = dataclasses.replace(config, console=args.console)
+    check_host(need_uffd=False)
+    printer = Printer(args.json)
+    host = VmHost(args.control, printer=printer)
+    _loop_policy()
+    return asyncio.run(host.serve(lambda: host.boot(config)))
+
+
+def cmd_recv(args: argparse.Namespace) -> int:
+    from migrated.engine.destination import RecvOptions
+    from migrated.service.preflight import check_host
+    from migrated.service.vmhost import VmHost, parse_address
+
+    listen_host, port = parse_address(args.listen)
+    check_host(need_uffd=True)
+    printer = Printer(args.json)
+    host = VmHost(args.control, printer=printer)
+    opts = RecvOptions(console=args.console)
+    _loop_policy()
+    return asyncio.run(host.serve(lambda: host.receive(listen_host, port, opts)))
+
+
+# -- commands talking to a VM process ---------------------------------------------------
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from migrated.service.control import stream
+
+    printer = Printer(args.json)
+    params = {
+        "to": args.to,
+        "mode": args.mode,
+        "max_precopy_rounds": args.max_precopy_rounds,
+        "checksum": args.checksum,
+        "recovery_timeout_s": args.recovery_timeout,
+    }
+
+    async def go() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        async for msg in stream(args.control, "migrate", **params):
+            if "result" in msg:
+                result = msg["result"]
+            else:
+                printer(msg)
+        return result
+
+    _loop_policy()
+    result = asyncio.run(go())
+    if args.json:
+        print(json.dumps({"event": "result", **result}), flush=True)
+    else:
+        s = result.get("stats", {})
+        print(
+            f"migrated: completed in {s.get('total_s', 0):.3f} s, downtime "
+            f"{s.get('downtime_s', 0) * 1e3:.1f} ms, {s.get('transferred_bytes', 0) / 2**20:.0f}"
+            f" MiB moved, {s.get('postcopy_requests', 0)} page requests served",
+            file=sys.stderr,
+        )
+    return int(result.get("exit_code", 0))
+
+
+def _simple(cmd: str, **extra: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from migrated.service.control import request
+
+        params = {k: getattr(args, k) for k in extra}
+        result = asyncio.run(request(args.control, cmd, **params))
+        if getattr(args, "json", False):
+            print(json.dumps(result))
+        else:
+            _print_human(cmd, result)
+        if cmd == "verify" and not result.get("ok"):
+            return 1
+        return 0
+
+    return run
+
+
+def _print_human(cmd: str, result: dict[str, Any]) -> None:
+    if cmd == "status":
+        vm = result.get("vm", {})
+        print(
+            f"VM {vm.get('name', '-')}: {vm.get('runstate')}, "
+            f"{vm.get('memory_bytes', 0) / 2**20:.0f} MiB"
+        )
+        for v in vm.get("vcpus", []):
+            print(
+                f"  vCPU {v['index']}: {v['runstate']}; last report: {v['last_report']}"
+                + (f"; {v['writes']} writes" if v.get("writes") is not None else "")
+            )
+            if v.get("crash"):
+                print("    " + v["crash"].replace("\n", "\n    "))
+        mig = result.get("migration")
+        if mig:
+            print(
+                f"migration ({mig.get('role')}): {mig.get('status')}, "
+                f"{mig.get('transferred_bytes', 0) / 2**20:.0f} MiB moved, "
+                f"{mig.get('postcopy_requests', 0)} page requests"
+            )
+    elif cmd == "verify":
+        for line in result.get("reports", []):
+            print(line)
+    else:
+        print(json.dumps(result))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from migrated.demo import run_demo
+
+    return run_demo(memory_mib=args.memory_mib, vcpus=args.vcpus, mode=args.mode, as_json=args.json)
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="migrated",
+        description="Postcopy live migration of KVM virtual machines.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="boot a VM from a TOML config and serve its control socket")
+    r.add_argument("config")
+    r.add_argument("--control", help="Unix control socket path")
+    r.add_argument("--console", help="console destination: stdout, none or a file path")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    rv = sub.add_parser("recv", help="wait for an incoming VM, then keep running it")
+    rv.add_argument("--listen", required=True, metavar="HOST:PORT")
+    rv.add_argument("--control", help="Unix control socket path")
+    rv.add_argument("--console", help="console destination for the arriving VM")
+    rv.add_argument("--json", action="store_true")
+    rv.set_defaults(func=cmd_recv)
+
+    s = sub.add_parser("send", help="migrate the VM of a control socket to a destination")
+    s.add_argument("--control", required=True)
+    s.add_argument("--to", required=True, metavar="HOST:PORT")
+    s.add_argument("--mode", choices=["postcopy", "hybrid", "precopy"], default="hybrid")
+    s.add_argument("--max-precopy-rounds", type=int, default=None)
+    s.add_argument("--checksum", action="store_true", help="xxh3 checksum on every page frame")
+    s.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to keep reconnecting after a link failure in postcopy",
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_send)
+
+    for name, helptext, extra in (
+        ("status", "show the VM and migration state", {}),
+        ("verify", "ask the guest to verify all its memory now", {}),
+        ("postcopy", "switch a running hybrid migration to postcopy now", {}),
+        ("cancel", "cancel a migration before the point of no return", {}),
+        (
+            "recover",
+            "retry a paused postcopy migration now (optionally to a new address)",
+            {"to": None},
+        ),
+        ("stop", "stop the VM and its process", {"force": None}),
+        ("cont", "resume a VM paused on the source whose destination never ran it", {}),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--control", required=True)
+        c.add_argument("--json", action="store_true")
+        if "to" in extra:
+            c.add_argument("--to", metavar="HOST:PORT")
+        if "force" in extra:
+            c.add_argument("--force", action="store_true")
+        c.set_defaults(func=_simple(name, **extra))
+
+    d = sub.add_parser("demo", help="migrate a memstress VM between two local processes")
+    d.add_argument("--memory-mib", type=int, default=512)
+    d.add_argument("--vcpus", type=int, default=2)
+    d.add_argument("--mode", choices=["postcopy", "hybrid", "precopy"], default="hybrid")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MigratedError as exc:
+        print(f"migrated: error: {exc.describe()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"migrated: error: {exc}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["ConfigError", "main"]

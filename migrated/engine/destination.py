@@ -1,0 +1,650 @@
+"""The destination engine: receives a VM and runs it before its memory has arrived.
+
+Facts we rely on (see also migrated.kernel.uffd):
+
+* Before the guest runs, nothing is registered with userfaultfd, so precopy pages are
+  received straight into guest RAM (the payload sink hands the socket the guest
+  pages themselves) and zero runs are dropped with MADV_DONTNEED.
+* At ``VmState`` all guest RAM is registered (MISSING mode) *before* any vCPU runs.
+  From then on guest RAM is written only by the kernel: UFFDIO_COPY from a staging
+  buffer, UFFDIO_ZEROPAGE for zero runs.  This thread (the event loop) never reads or
+  writes guest RAM after registration; a page it touched while missing would block
+  the loop that is supposed to install it.
+* The received bitmap is the single source of truth: a bit is set exactly when the
+  page's current content is in place.  A fault on a page whose bit is set is a race
+  with an install that already woke the vCPU; we wake the range again to be sure.
+* Every range on the wire was checked against the layout by the protocol
+  connection before its event or payload reached us; :class:`GuestRam` checks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from migrated.errors import MigrationAborted, ProtocolError, RemoteProtocolError
+from migrated.kernel import GuestMemory, PageBitmap, UffdEventKind, UffdFeature, Userfaultfd
+from migrated.protocol import (
+    FEATURE_CHECKSUM_CRC32,
+    FEATURE_CHECKSUM_XXH3,
+    AllSent,
+    Cancel,
+    ChannelRole,
+    Complete,
+    CompleteAck,
+    Discard,
+    Error,
+    ErrorCode,
+    Hello,
+    PageRequest,
+    Pages,
+    PrecopyRoundEnd,
+    Progress,
+    ReceivedBitmap,
+    Role,
+    Running,
+    Setup,
+    SetupAck,
+    Switchover,
+    VmState,
+    ZeroPages,
+    negotiate,
+)
+from migrated.protocol.connection import Connection
+from migrated.protocol.state import MigrationState, SessionState
+from migrated.vmm.machine import Machine
+from migrated.vmm.state import VmState as MachineState
+
+from .channel import Channel
+from .prefault import PreFaulter
+from .ram import PAGE_SIZE, GuestRam
+from .stats import MigrationStats
+
+__all__ = ["DestinationEngine", "RecvOptions"]
+
+Emit = Callable[[dict[str, Any]], None]
+_LOCAL_FEATURES = frozenset({FEATURE_CHECKSUM_XXH3, FEATURE_CHECKSUM_CRC32})
+
+
+@dataclass(frozen=True)
+class RecvOptions:
+    max_ram_bytes: int = 64 << 30
+    max_vcpus: int = 8
+    max_frame_nbytes: int = 4 << 20
+    console: str | None = None
+    prefault: bool = True
+    progress_interval_s: float = 0.25
+
+
+@dataclass
+class _Pending:
+    """One outstanding page request (per requested page, never per guest page)."""
+
+    request_id: int
+    t0: float
+    waiters: list[tuple[int, float]] = field(default_factory=list)  # (thread id, since)
+
+
+class DestinationEngine:
+    """Accepts one incoming migration on ``host:port``.  :meth:`run` returns the
+    running :class:`Machine` once every page is installed (the caller keeps it running),
+    or raises :class:`MigrationAborted` when the migration failed before the guest ran
+    here (the VM is still on the source)."""
+
+    def __init__(
+        self, host: str, port: int, options: RecvOptions | None = None, emit: Emit | None = None
+    ) -> None:
+        self.host, self.port = host, port
+        self.opts = options or RecvOptions()
+        self.emit: Emit = emit or (lambda e: None)
+        self.session = SessionState(Role.DESTINATION)
+        self.stats = MigrationStats(role="destination")
+        self.machine: Machine | None = None
+        self.ram: GuestRam | None = None
+        self.received = PageBitmap(0)
+        self.zero = PageBitmap(0)
+        self.installed = 0
+        self.uffd: Userfaultfd | None = None
+        self.prefaulter: PreFaulter | None = None
+        self._session_id: bytes | None = None
+        self._main: Channel | None = None
+        self._urgent: Channel | None = None
+        self._channels: set[Channel] = set()
+        self._pending: dict[int, _Pending] = {}
+        self._next_request_id = 1
+        self._tid_to_vcpu: dict[int, int] = {}
+        self._staging = memoryview(bytearray(self.opts.max_frame_nbytes))
+        self._server: asyncio.Server | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._complete_sent = False
+        self._all_sent = False
+        self._t0 = 0.0
+        self._t_switch = 0.0
+        self._t_running = 0.0
+        self._memories: list[GuestMemory] = []
+
+    # -- listening ---------------------------------------------------------------------
+
+    async def listen(self) -> int:
+        """Start listening; returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._server = await loop.create_server(
+            self._new_channel, self.host, self.port, reuse_address=True
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self.emit({"event": "listening", "host": self.host, "port": self.port})
+        return self.port
+
+    def _new_channel(self) -> Channel:
+        conn = Connection(Role.DESTINATION, None, max_frame_payload=self.opts.max_frame_nbytes)
+        ch = Channel(conn, name="incoming", bulk=True)
+        conn.set_payload_sink(lambda header: self._sink(ch, header))
+        ch.deliver_to(self._on_event)
+        self._channels.add(ch)
+        ch.closed.add_done_callback(lambda fut: self._on_channel_closed(ch, fut))
+        return ch
+
+    async def run(self) -> Machine:
+        if self._server is None:
+            await self.listen()
+        assert self._done is not None
+        reporter = asyncio.create_task(self._report_progress())
+        try:
+            await self._done
+        except BaseException as exc:
+            self.stats.error = str(exc)
+            self.stats.status = self.session.state.value
+            if not self.session.point_of_no_return:
+                self._teardown_failed()
+            raise
+        finally:
+            reporter.cancel()
+            if self._server is not None:
+                self._server.close()
+            for ch in list(self._channels):
+                ch.close()
+        assert self.machine is not None
+        return self.machine
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+
+    # -- connection events -------------------------------------------------------------
+
+    def _on_event(self, ch: Channel, event: Any) -> None:
+        try:
+            if isinstance(event, Hello):
+                self._on_hello(ch, event)
+                return
+            if ch.conn.channel is None:
+                raise RemoteProtocolError("connection spoke before Hello")
+            if isinstance(event, Progress):
+                return
+            self.session.handle(event, "received", channel=ch.conn.channel)
+            handler = self._handlers.get(type(event))
+            if handler is None:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__}")
+            handler(self, ch, event)
+        except ProtocolError as exc:
+            self._protocol_failure(ch, exc)
+        except Exception as exc:  # our own failure: tell the peer, then fail the run
+            self._protocol_failure(ch, exc)
+
+    def _protocol_failure(self, ch: Channel, exc: BaseException) -> None:
+        code = getattr(exc, "code", ErrorCode.INTERNAL)
+        with contextlib.suppress(Exception):
+            err = Error(code, f"destination: {exc}"[:4000])
+            self.session.handle(err, "sent")
+            ch.send(err)
+        ch.close()
+        if self.session.point_of_no_return:
+            self.emit({"event": "error", "error": str(exc)})
+            self._state_event()
+        else:
+            self._fail(MigrationAborted(f"incoming migration failed: {exc}"))
+
+    def _on_hello(self, ch: Channel, hello: Hello) -> None:
+        if ch.conn.channel is not None and ch.conn.channel is not hello.role:
+            raise RemoteProtocolError("a second Hello on one connection")
+        fresh_main = hello.role is ChannelRole.MAIN and not hello.resume
+        if fresh_main and self._session_id is None:
+            self._session_id = hello.session_id
+            self._t0 = time.monotonic()
+        elif hello.session_id != self._session_id:
+            self._refuse(
+                ch, ErrorCode.SESSION_UNKNOWN, "this destination serves another migration session"
+            )
+            return
+        elif fresh_main:
+            self._refuse(ch, ErrorCode.UNEXPECTED, "a migration is already in progress here")
+            return
+        if hello.resume and not self.session.point_of_no_return:
+            self._refuse(
+                ch, ErrorCode.SESSION_FAILED, "the guest never ran here; resume it on the source"
+            )
+            return
+        if (
+            hello.resume
+            and self.session.state is MigrationState.POSTCOPY_ACTIVE
+            and hello.role is ChannelRole.MAIN
+        ):
+            # The source saw a failure we did not see yet: drop the old channels.
+            self.session.link_lost()
+            for old in (self._main, self._urgent):
+                if old is not None:
+                    old.abort()
+        self.session.handle(hello, "received", channel=hello.role)
+        welcome = negotiate(hello, _LOCAL_FEATURES)
+        self.session.handle(welcome, "sent", channel=hello.role)
+        ch.send(welcome)
+        ch.name = hello.role.name.lower()
+        if hello.role is ChannelRole.MAIN:
+            self._main = ch
+            if hello.resume:
+                assert self.ram is not None
+                ch.conn.set_layout(self.ram.layout)
+                bitmap = ReceivedBitmap(memoryview(self.received.data))
+                self.session.handle(bitmap, "sent")
+                ch.send(bitmap)
+                self.stats.recoveries += 1
+                self.emit({"event": "recovered", "recoveries": self.stats.recoveries})
+                self._state_event()
+        else:
+            if self.ram is None:
+                raise RemoteProtocolError("a page channel opened before Setup")
+            ch.conn.set_layout(self.ram.layout)
+            if hello.role is ChannelRole.URGENT:
+                self._urgent = ch
+                self._reissue_requests()
+
+    def _refuse(self, ch: Channel, code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            ch.send(Error(code, message))
+        ch.close()
+
+    def _on_channel_closed(self, ch: Channel, fut: asyncio.Future[None]) -> None:
+        self._channels.discard(ch)
+        if not fut.cancelled():
+            fut.exception()  # retrieved here; the session state says what it means
+        if ch not in (self._main, self._urgent):
+            return
+        state = self.session.state
+        if state.terminal or state is MigrationState.POSTCOPY_PAUSED:
+            return
+        if state is MigrationState.POSTCOPY_RECOVER and ch is not self._main:
+            return
+        self.session.link_lost()
+        self.emit({"event": "link-lost", "channel": ch.name})
+        self._state_event()
+        if not self.session.point_of_no_return:
+            self._fail(MigrationAborted("the source went away before the guest ran here"))
+
+    # -- message handlers --------------------------------------------------------------
+
+    def _on_setup(self, ch: Channel, s: Setup) -> None:
+        ram_bytes = sum(r.nbytes for r in s.layout.regions)
+        problems = []
+        if ram_bytes > self.opts.max_ram_bytes:
+            problems.append(
+                f"{ram_bytes} bytes of RAM exceed this host's limit of {self.opts.max_ram_bytes}"
+            )
+        if not 1 <= s.vcpu_count <= self.opts.max_vcpus:
+            problems.append(f"{s.vcpu_count} vCPUs (this host runs 1..{self.opts.max_vcpus})")
+        if len(s.layout.regions) != 1 or s.layout.regions[0].gpa != 0:
+            problems.append("only one RAM region at GPA 0 is supported")
+        if any(r.page_size != PAGE_SIZE for r in s.layout.regions):
+            problems.append("only 4 KiB pages are supported (both sides must agree)")
+        if problems:
+            raise RemoteProtocolError(
+                "cannot host this VM: " + "; ".join(problems), code="unsupported-vm"
+            )
+        self._memories = [GuestMemory.create(r.nbytes) for r in s.layout.regions]
+        self.ram = GuestRam(
+            [(r.gpa, m) for r, m in zip(s.layout.regions, self._memories, strict=True)]
+        )
+        self.received = PageBitmap(self.ram.total_pages)
+        self.zero = PageBitmap(self.ram.total_pages)
+        self.stats.vm_name = s.vm_name
+        self.stats.mode = s.mode
+        self.stats.ram_bytes = self.ram.nbytes
+        self.stats.total_pages = self.ram.total_pages
+        self.stats.setup_s = time.monotonic() - self._t0
+        ack = SetupAck()
+        self.session.handle(ack, "sent")
+        ch.send(ack)
+        self._state_event()
+
+    def _sink(self, ch: Channel, header: Any) -> memoryview | None:
+        if not isinstance(header, Pages) or self.ram is None:
+            return None
+        page = self.ram.page_of_gpa(header.gpa)
+        if self.uffd is None and not self.session.point_of_no_return:
+            return self.ram.view(page, header.npages)  # not registered: write in place
+        return self._staging[: header.npages * PAGE_SIZE]
+
+    def _on_pages(self, ch: Channel, p: Pages) -> None:
+        assert self.ram is not None and p.data is not None
+        page = self.ram.page_of_gpa(p.gpa)
+        nbytes = p.npages * PAGE_SIZE
+        self._account(nbytes, p.npages, zero=False)
+        if self.uffd is None:
+            self.zero.clear(page, p.npages)
+            self.installed += self._mark(page, p.npages)
+            return
+        self._install(page, p.npages, p.data)
+
+    def _on_zero_pages(self, ch: Channel, z: ZeroPages) -> None:
+        assert self.ram is not None
+        page = self.ram.page_of_gpa(z.gpa)
+        self._account(0, z.npages, zero=True)
+        if self.uffd is None:
+            self.ram.discard(page, z.npages)  # reads as zero; a no-op where never written
+            self.zero.set(page, z.npages)
+            self.installed += self._mark(page, z.npages)
+            return
+        self._install(page, z.npages, None)
+
+    def _account(self, nbytes: int, npages: int, *, zero: bool) -> None:
+        if zero:
+            self.stats.zero_pages += npages
+        else:
+            self.stats.normal_pages += npages
+        if self.session.state is MigrationState.ACTIVE:
+            self.stats.precopy_bytes += nbytes
+        elif self.session.point_of_no_return:
+            self.stats.postcopy_bytes += nbytes
+        else:
+            self.stats.downtime_bytes += nbytes
+
+    def _mark(self, page: int, npages: int) -> int:
+        """Set received bits; returns how many were newly set."""
+        new = 0
+        end = page + npages
+        pos = page
+        while pos < end:
+            i, n = self.received.find_run(pos, False, end - pos)
+            if i < 0 or i >= end:
+                break
+            n = min(n, end - i)
+            new += n
+            pos = i + n
+        self.received.set(page, npages)
+        return new
+
+    def _install(self, page: int, npages: int, data: memoryview | None) -> None:
+        """UFFDIO_COPY (or ZEROPAGE) the not-yet-received sub-runs of a run, wake the
+        vCPUs waiting there and account the requests they answer."""
+        assert self.ram is not None and self.uffd is not None
+        end = page + npages
+        pos = page
+        uffd = self.uffd
+        while pos < end:
+            i, n = self.received.find_run(pos, False, end - pos)
+            if i < 0 or i >= end:
+                break
+            n = min(n, end - i)
+            addr = self.ram.host_address(i)
+            if data is None:
+                r = uffd.zeropage(addr, n * PAGE_SIZE)
+            else:
+                off = (i - page) * PAGE_SIZE
+                r = uffd.copy(addr, data[off : off + n * PAGE_SIZE], n * PAGE_SIZE)
+            if r.already_present:
+                self.stats.duplicate_pages += r.already_present // PAGE_SIZE
+                uffd.wake(addr, n * PAGE_SIZE)
+            self.received.set(i, n)
+            self.installed += n
+            if self._pending:
+                self._answer(i, n)
+            if self.prefaulter is not None:
+                self.prefaulter.submit(self.ram.gpa_of_page(i), n * PAGE_SIZE)
+            pos = i + n
+        if pos == page:
+            self.stats.duplicate_pages += npages
+        self._maybe_complete()
+
+    def _answer(self, page: int, npages: int) -> None:
+        now = time.monotonic()
+        for p in range(page, page + npages) if npages <= 64 else list(self._pending):
+            pend = self._pending.get(p)
+            if pend is None or not page <= p < page + npages:
+                continue
+            del self._pending[p]
+            self.stats.fault_latency.record(now - pend.t0)
+            for tid, since in pend.waiters:
+                vcpu = self._tid_to_vcpu.get(tid, -1)
+                self.stats.blocktime_s_per_vcpu[vcpu] = (
+                    self.stats.blocktime_s_per_vcpu.get(vcpu, 0.0) + now - since
+                )
+
+    def _on_discard(self, ch: Channel, d: Discard) -> None:
+        assert self.ram is not None
+        page = self.ram.page_of_gpa(d.gpa)
+        self.installed -= d.npages - self._count_clear(page, d.npages)
+        self.received.clear(page, d.npages)
+        self.zero.clear(page, d.npages)
+        self.ram.discard(page, d.npages)
+        self.stats.discarded_pages += d.npages
+
+    def _count_clear(self, page: int, npages: int) -> int:
+        clear, pos, end = 0, page, page + npages
+        while pos < end:
+            i, n = self.received.find_run(pos, False, end - pos)
+            if i < 0 or i >= end:
+                break
+            n = min(n, end - i)
+            clear += n
+            pos = i + n
+        return clear
+
+    def _on_round_end(self, ch: Channel, r: PrecopyRoundEnd) -> None:
+        self.stats.precopy_rounds = r.round
+        self.stats.dirty_pages_per_round.append(r.dirty_pages)
+        self.emit({"event": "precopy-round", "round": r.round, "dirty_pages": r.dirty_pages})
+
+    def _on_switchover(self, ch: Channel, s: Switchover) -> None:
+        self._t_switch = time.monotonic()
+        self.stats.precopy_s = self._t_switch - self._t0 - self.stats.setup_s
+        self._state_event()
+
+    def _on_vm_state(self, ch: Channel, v: VmState) -> None:
+        assert self.ram is not None and v.data is not None
+        try:
+            state = MachineState.from_bytes(bytes(v.data))
+            self._start_guest(state)
+        except Exception as exc:
+            self._teardown_failed()
+            raise RemoteProtocolError(
+                f"cannot start the VM from its state: {exc}", code="restore-failed"
+            ) from exc
+        running = Running()
+        self.session.handle(running, "sent")
+        ch.send(running)
+        self._t_running = time.monotonic()
+        self.stats.downtime_s = self._t_running - self._t_switch  # destination's share
+        self._state_event()
+        self._maybe_complete()
+
+    def _start_guest(self, state: MachineState) -> None:
+        assert self.ram is not None
+        memory = self._memories[0]
+        if not self.received.all_set():
+            uffd = Userfaultfd.open(UffdFeature.THREAD_ID)
+            for r in self.ram.regions:
+                uffd.register(r.memory.address, r.memory.nbytes)
+            self.uffd = uffd
+            # Pages known to be zero were dropped while unregistered: install them now
+            # so only pages that never arrived can fault.
+            for page, n in self.zero.runs(True):
+                for p, m in self.ram.split(page, n, self.ram.total_pages):
+                    uffd.zeropage(self.ram.host_address(p), m * PAGE_SIZE)
+            loop = asyncio.get_running_loop()
+            loop.add_reader(uffd.fileno(), self._on_faults)
+        machine = Machine.restore(state, memory=memory, own_memory=True, console=self.opts.console)
+        self.machine = machine
+        self._memories = []  # the machine holds the memory now
+        if self.opts.prefault:
+            self.prefaulter = PreFaulter(machine, self.emit)
+            self.prefaulter.probe(self._first_received_gpa())
+        machine.start()
+        self._tid_to_vcpu = machine.vcpu_thread_ids()
+
+    def _first_received_gpa(self) -> int | None:
+        assert self.ram is not None
+        page, _ = self.received.find_run(0, True)
+        return None if page < 0 else self.ram.gpa_of_page(page)
+
+    # -- faults ------------------------------------------------------------------------
+
+    def _on_faults(self) -> None:
+        uffd, ram = self.uffd, self.ram
+        if uffd is None or ram is None:
+            return
+        try:
+            events = uffd.read_events()
+        except OSError as exc:
+            self.emit({"event": "error", "error": f"reading userfaultfd failed: {exc}"})
+            return
+        now = time.monotonic()
+        for e in events:
+            if e.kind is not UffdEventKind.PAGEFAULT:
+                continue
+            page = ram.page_of_host_address(e.address)
+            if page is None:
+                continue
+            if self.received[page]:
+                uffd.wake(ram.host_address(page), PAGE_SIZE)  # raced with an install
+                continue
+            pend = self._pending.get(page)
+            if pend is not None:
+                pend.waiters.append((e.thread_id, now))
+                continue
+            pend = _Pending(self._next_request_id, now, [(e.thread_id, now)])
+            self._next_request_id += 1
+            self._pending[page] = pend
+            self.stats.postcopy_requests += 1
+            self.stats.postcopy_requested_pages += 1
+            self._send_request(page, pend)
+
+    def _send_request(self, page: int, pend: _Pending) -> None:
+        assert self.ram is not None
+        req = PageRequest(pend.request_id, self.ram.gpa_of_page(page), 1)
+        ch = self._urgent or self._main
+        if (
+            ch is None
+            or ch.closed.done()
+            or self.session.state is not MigrationState.POSTCOPY_ACTIVE
+        ):
+            return  # re-issued when the link is back
+        with contextlib.suppress(ConnectionError, ProtocolError):
+            self.session.handle(req, "sent", channel=ch.conn.channel or ChannelRole.MAIN)
+            ch.send(req)
+
+    def _reissue_requests(self) -> None:
+        for page, pend in list(self._pending.items()):
+            self._send_request(page, pend)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _on_all_sent(self, ch: Channel, a: AllSent) -> None:
+        self._all_sent = True
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        if self._complete_sent or self.ram is None or self.machine is None:
+            return
+        if self.installed < self.ram.total_pages or self._main is None:
+            return
+        if self.session.state is not MigrationState.POSTCOPY_ACTIVE:
+            return
+        done = Complete(self.installed)
+        self.session.handle(done, "sent")
+        self._main.send(done)
+        self._complete_sent = True
+
+    def _on_complete_ack(self, ch: Channel, a: CompleteAck) -> None:
+        assert self.ram is not None
+        if self.uffd is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.uffd.fileno())
+            for r in self.ram.regions:
+                self.uffd.unregister(r.memory.address, r.memory.nbytes)
+            self.uffd.close()
+            self.uffd = None
+        now = time.monotonic()
+        self.stats.postcopy_s = now - self._t_running
+        self.stats.total_s = now - self._t0
+        if self.prefaulter is not None:
+            self.stats.prefault = self.prefaulter.report()
+        self._state_event()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _on_cancel(self, ch: Channel, c: Cancel) -> None:
+        self._fail(MigrationAborted(f"the source cancelled the migration: {c.reason}"))
+
+    def _on_error(self, ch: Channel, e: Error) -> None:
+        if not self.session.point_of_no_return:
+            self._fail(MigrationAborted(f"the source failed: {e.message}"))
+        else:
+            self.emit({"event": "error", "error": e.message})
+            self._state_event()
+
+    def _teardown_failed(self) -> None:
+        """Release everything of a migration that failed before the guest ran here."""
+        if self.uffd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.uffd.fileno())
+            self.uffd.close()
+            self.uffd = None
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        for m in self._memories:
+            m.close()
+        self._memories = []
+
+    _handlers: dict[type, Callable[[DestinationEngine, Channel, Any], None]] = {
+        Setup: _on_setup,
+        Pages: _on_pages,
+        ZeroPages: _on_zero_pages,
+        Discard: _on_discard,
+        PrecopyRoundEnd: _on_round_end,
+        Switchover: _on_switchover,
+        VmState: _on_vm_state,
+        AllSent: _on_all_sent,
+        CompleteAck: _on_complete_ack,
+        Cancel: _on_cancel,
+        Error: _on_error,
+    }
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _state_event(self) -> None:
+        self.stats.status = self.session.state.value
+        self.emit({"event": "state", "side": "destination", "status": self.stats.status})
+
+    async def _report_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.progress_interval_s)
+            if self.ram is None:
+                continue
+            self.emit(
+                {
+                    "event": "progress",
+                    "side": "destination",
+                    "status": self.session.state.value,
+                    "elapsed_s": round(time.monotonic() - self._t0, 3),
+                    "transferred_bytes": self.stats.transferred_bytes,
+                    "pages_installed": self.installed,
+                    "total_pages": self.ram.total_pages,
+                    "faults": self.stats.postcopy_requests,
+                }
+            )
