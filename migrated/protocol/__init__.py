@@ -6,13 +6,15 @@ parts:
 * :mod:`.layout`: ``MemoryRegion`` / ``MemoryLayout`` and page-range validation.
 * :mod:`.events`: the message catalogue (frozen dataclasses), enums and limits.
 * :mod:`.codec`: the message table and header encoding/decoding.
+* :mod:`.rules`: per-connection rules (channel table, handshake, ``negotiate``).
 * :mod:`.connection`: ``Connection``, one endpoint of one TCP connection.
+* :mod:`.loopback`: two Connections wired in memory (tests, benchmarks).
 * :mod:`.state`: ``SessionState``, the per-role session state machine (tables).
 
 The written specification is ``docs/protocol.md``.
 """
 
-from migrated.protocol.connection import CHANNEL_RULES, Connection, Phase, negotiate
+from migrated.protocol.connection import Connection
 from migrated.protocol.events import (
     FEATURE_CHECKSUM_CRC32,
     FEATURE_CHECKSUM_XXH3,
@@ -54,6 +56,7 @@ from migrated.protocol.events import (
     ZeroPages,
 )
 from migrated.protocol.layout import MemoryLayout, MemoryRegion, bitmap_missing_runs
+from migrated.protocol.rules import CHANNEL_RULES, Phase, check_welcome, negotiate
 from migrated.protocol.state import TABLE, Direction, MigrationState, Refusal, SessionState
 
 __all__ = [
@@ -106,5 +109,6 @@ __all__ = [
     "Welcome",
     "ZeroPages",
     "bitmap_missing_runs",
+    "check_welcome",
     "negotiate",
 ]

@@ -33,7 +33,6 @@ the decoder into the sink first, and returns ``None`` when that completed the pa
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -42,44 +41,8 @@ from migrated.protocol import codec
 from migrated.protocol import events as ev
 from migrated.protocol.events import ChannelRole, Role
 from migrated.protocol.layout import MemoryLayout
-
-_M, _U, _B = ChannelRole.MAIN, ChannelRole.URGENT, ChannelRole.BULK
-_SRC, _DST = Role.SOURCE, Role.DESTINATION
-
-#: (channel, sending role) -> message types allowed once the handshake is done.
-CHANNEL_RULES: dict[tuple[ChannelRole, Role], frozenset[type]] = {
-    (_M, _SRC): frozenset(
-        {
-            ev.Setup,
-            ev.Pages,
-            ev.ZeroPages,
-            ev.Discard,
-            ev.PrecopyRoundEnd,
-            ev.Switchover,
-            ev.VmState,
-            ev.Progress,
-            ev.AllSent,
-            ev.CompleteAck,
-            ev.Cancel,
-            ev.Error,
-        }
-    ),
-    (_M, _DST): frozenset(
-        {
-            ev.SetupAck,
-            ev.Running,
-            ev.PageRequest,
-            ev.Progress,
-            ev.Complete,
-            ev.ReceivedBitmap,
-            ev.Error,
-        }
-    ),
-    (_U, _SRC): frozenset({ev.Pages, ev.ZeroPages, ev.Progress, ev.Error}),
-    (_U, _DST): frozenset({ev.PageRequest, ev.Progress, ev.Error}),
-    (_B, _SRC): frozenset({ev.Pages, ev.ZeroPages, ev.Progress, ev.Error}),
-    (_B, _DST): frozenset({ev.Progress, ev.Error}),
-}
+from migrated.protocol.rules import CHANNEL_RULES, Phase, check_welcome
+from migrated.protocol.rules import negotiate as negotiate  # re-exported
 
 _RANGE_EVENTS = (ev.ZeroPages, ev.Discard, ev.PageRequest)
 _PAGES_SPEC = codec.BY_CODE[codec.PAGES_CODE]
@@ -88,39 +51,6 @@ _EMPTY = memoryview(b"")
 _HEADER_WINDOW = 512
 
 PayloadSink = Callable[[Any], "memoryview | None"]
-
-
-class Phase(enum.Enum):
-    """Handshake progress of one connection."""
-
-    START = "start"  # nothing exchanged
-    HANDSHAKE = "handshake"  # Hello sent (source) / received (destination)
-    OPEN = "open"  # Welcome exchanged
-    CLOSED = "closed"  # Hello refused with Error
-
-
-def negotiate(
-    hello: ev.Hello,
-    local_features: frozenset[str],
-    *,
-    version: int = ev.PROTOCOL_VERSION,
-    min_version: int = ev.MIN_PROTOCOL_VERSION,
-) -> ev.Welcome:
-    """The destination's ``Welcome`` for ``hello``: highest common version, feature
-    intersection, same session id.
-
-    Raises RemoteProtocolError (code "version") naming both version ranges when there
-    is no common version; send ``Error(exc.code, str(exc))`` in that case.
-    """
-    agreed = min(version, hello.version)
-    if agreed < max(min_version, hello.min_version):
-        raise RemoteProtocolError(
-            f"protocol version mismatch: peer speaks {hello.min_version}..{hello.version}, "
-            f"we speak {min_version}..{version}",
-            code=ev.ErrorCode.VERSION,
-            hint="upgrade migrated on one of the hosts so both share a protocol version",
-        )
-    return ev.Welcome(agreed, hello.features & local_features, hello.session_id)
 
 
 class Connection:
@@ -284,7 +214,7 @@ class Connection:
             if t not in self._send_allowed:
                 raise LocalProtocolError(
                     f"the {self.role.value} may not send {t.__name__} on the "
-                    f"{self.channel.name if self.channel else 'unknown'} channel",
+                    f"{self.channel.name if self.channel is not None else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
             if self._bitmap_due and t is not ev.ReceivedBitmap:
@@ -331,23 +261,8 @@ class Connection:
         self._bitmap_due = self.hello.resume and self.channel is ChannelRole.MAIN
 
     def _check_welcome(self, welcome: ev.Welcome, error: type[ProtocolError]) -> None:
-        hello = self.hello
-        assert hello is not None
-        if not (
-            max(hello.min_version, ev.MIN_PROTOCOL_VERSION)
-            <= welcome.version
-            <= min(hello.version, ev.PROTOCOL_VERSION)
-        ):
-            raise error(
-                f"protocol version mismatch: Welcome chose version {welcome.version}, "
-                f"Hello offered {hello.min_version}..{hello.version}",
-                code=ev.ErrorCode.VERSION,
-            )
-        if not welcome.features <= hello.features:
-            extra = sorted(welcome.features - hello.features)
-            raise error(f"Welcome accepts features never offered: {extra}", code="feature")
-        if welcome.session_id != hello.session_id:
-            raise error("Welcome names a different session id than Hello")
+        assert self.hello is not None
+        check_welcome(self.hello, welcome, error)
 
     # --- receiving -------------------------------------------------------------------
 
@@ -584,7 +499,7 @@ class Connection:
             if t not in self._recv_allowed:
                 raise RemoteProtocolError(
                     f"the {self.role.peer.value} may not send {t.__name__} on the "
-                    f"{self.channel.name if self.channel else 'unknown'} channel",
+                    f"{self.channel.name if self.channel is not None else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
             if self._bitmap_due and t is not ev.ReceivedBitmap and t is not ev.Error:

@@ -336,3 +336,16 @@ def test_clean_eof_and_truncation() -> None:
     with pytest.raises(RemoteProtocolError) as exc:
         lb2.dest.next_event()
     assert exc.value.code == ErrorCode.TRUNCATED
+
+
+def test_accepting_destination_adopts_the_announced_channel() -> None:
+    for channel in ChannelRole:
+        src = Connection(Role.SOURCE, channel, layout=LAYOUT)
+        dst = Connection(Role.DESTINATION, None, layout=LAYOUT)
+        assert dst.channel is None
+        for buf in src.send(Hello(1, 1, channel, SID, frozenset(), False)):
+            dst.receive_data(bytes(buf))
+        assert type(dst.next_event()) is Hello
+        assert dst.channel is channel
+    with pytest.raises(ValueError):
+        Connection(Role.SOURCE, None)
