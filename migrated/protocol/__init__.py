@@ -12,6 +12,27 @@ parts:
 * :mod:`.state`: ``SessionState``, the per-role session state machine (tables).
 
 The written specification is ``docs/protocol.md``.
+
+Additions to and deviations from the design note of issue #3:
+
+* ``SessionState.handle(event, direction, *, channel=ChannelRole.MAIN)``: the table key
+  is ``(role, state, direction, event type)``; the channel matters only for an Error
+  the source receives in DEVICE.
+* One more state, ``MigrationState.DEVICE`` (QEMU's name): VmState sent/received, the
+  guest not yet known to run.  Cancel is allowed up to SWITCHOVER, refused from DEVICE.
+* Local events ``LinkLost``, ``BeginRecovery`` and ``Abandon`` (``session.abandon()``:
+  the operator gives up a paused postcopy; FAILED with the point of no return kept).
+* ``ZeroPages`` has ``request_id`` (a requested zero page is answered with ZeroPages).
+* ``next_event`` returns ``ConnectionClosed()`` after a clean EOF between frames.
+* Checksums are seeded with the frame's gpa (Pages) so data cannot land at the wrong
+  address unnoticed; VmState and ReceivedBitmap carry checksums too.
+* ``Connection(role=DESTINATION, channel=None)`` adopts the channel its Hello names.
+* ``payload_target()`` first drains bytes buffered in the decoder into the sink, and
+  returns None if they completed the payload.  The header event passed to the sink is
+  the same object ``next_event`` later returns, with ``data`` filled in.
+* ``Pages`` takes a hand-inlined fast path in ``send``/``next_event``; a test checks it
+  produces the table path's bytes, and it falls back to the table path for anything
+  unusual (so the errors are the table path's).
 """
 
 from migrated.protocol.connection import Connection

@@ -445,3 +445,16 @@ def test_layout_queries() -> None:
         MemoryLayout(tuple(MemoryRegion(i * PAGE, PAGE, PAGE) for i in range(65)))
     with pytest.raises(ValueError):
         MemoryLayout((MemoryRegion(0, PAGE, 2 << 30),))
+
+
+def test_bitmap_missing_runs() -> None:
+    from migrated.protocol import bitmap_missing_runs
+
+    assert bitmap_missing_runs(b"\xff\xff", 16) == []
+    assert bitmap_missing_runs(b"\x00\x00", 16) == [(0, 16)]
+    assert bitmap_missing_runs(b"\xfd\xff\x0f", 20) == [(1, 1)]
+    assert bitmap_missing_runs(b"\xff\x0f\xff\x01", 25) == [(12, 4)]
+    assert bitmap_missing_runs(b"\x00\xff\x00", 20) == [(0, 8), (16, 4)]
+    bits = bytearray(LAYOUT.bitmap_nbytes)
+    bits[0] = 0b11111101
+    assert bitmap_missing_runs(bits, LAYOUT.total_pages) == [(1, 1), (8, 9)]

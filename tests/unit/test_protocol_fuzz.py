@@ -35,7 +35,7 @@ from migrated.protocol.loopback import Loopback
 PAGE = 4096
 LAYOUT = MemoryLayout((MemoryRegion(0, 8 * PAGE, PAGE), MemoryRegion(1 << 20, 4 * PAGE, PAGE)))
 SID = b"F" * 16
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def opened(checksum: str | None) -> Loopback:
