@@ -71,10 +71,10 @@ class Channel(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
         tune_socket(transport.get_extra_info("socket"), bulk=self.bulk)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         if not self.connected.done():
             self.connected.set_result(None)
 

@@ -476,6 +476,7 @@ class SourceEngine:
                         self._send_main(Discard(self.ram.gpa_of_page(p), m))
                 self.stats.discarded_pages = stale_sent.count()
                 self.sent.andnot(stale_sent)
+            self.stats.downtime_bytes += self._send_resident()
             blob = self.machine.capture_state().to_bytes()
             self._send_main(VmState(memoryview(blob)))
             self.stats.downtime_bytes += len(blob)
@@ -484,6 +485,20 @@ class SourceEngine:
                 raise  # VmState went out: handled by _await_running's rules
             await self._abort_before_switchover(exc)
         self._state_event()
+
+    def _send_resident(self) -> int:
+        """Send the pages the destination must have before any vCPU runs (see
+        ``Machine.resident_ranges``) unless they are already there and clean."""
+        nbytes = 0
+        for gpa, size in self.machine.resident_ranges():
+            first = self.ram.page_of_gpa(gpa)
+            todo = PageBitmap(self.ram.total_pages)
+            todo.set(first, size // PAGE_SIZE)
+            todo.andnot(self.sent)
+            for page, n in todo.runs(True, self.opts.frame_pages):
+                nbytes += self._send_run(page, n)
+                self.sent.set(page, n)
+        return nbytes
 
     async def _await_running(self) -> None:
         assert self._running and self._failure and self._main

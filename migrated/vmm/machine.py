@@ -645,6 +645,15 @@ class Machine:
             console_bytes=self.console.bytes_written,
         )
 
+    def resident_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``(gpa, nbytes)`` ranges that must be in place before a restored vCPU runs:
+        the VMM area below the image (GDT, TSSs with their I/O bitmaps, page tables,
+        boot parameters, stacks).  KVM reads descriptor tables and the I/O bitmap in
+        contexts that cannot wait for userfaultfd: on kvm_pvm a missing TSS page turns
+        the guest's next OUT into #GP and a triple fault.  A migration sends these
+        pages during the downtime, before the vCPU state."""
+        return ((0, boot.IMAGE_GPA),)
+
     # -- state capture --------------------------------------------------------------
 
     def capture_state(self) -> VmState:
