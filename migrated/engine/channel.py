@@ -72,9 +72,10 @@ class Channel(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the Transport interface without subclassing it.
-        self.transport = transport  # type: ignore[assignment]
-        tune_socket(transport.get_extra_info("socket"), bulk=self.bulk)
-        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        tr: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = tr
+        tune_socket(tr.get_extra_info("socket"), bulk=self.bulk)
+        tr.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         if not self.connected.done():
             self.connected.set_result(None)
 
