@@ -152,6 +152,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     return int(result.get("exit_code", 0))
 
 
+def _mbps(value: float | None) -> int | None:
+    return None if value is None else int(value * 1e6)
+
+
 def _simple(cmd: str, **extra: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         from migrated.service.control import request
@@ -241,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="how long to keep reconnecting after a link failure in postcopy",
+    )
+    s.add_argument(
+        "--precopy-bandwidth",
+        type=float,
+        metavar="MB/S",
+        help="cap precopy and switchover traffic (megabytes per second)",
+    )
+    s.add_argument(
+        "--postcopy-bandwidth",
+        type=float,
+        metavar="MB/S",
+        help="cap the postcopy background push (urgent pages are never capped)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_send)

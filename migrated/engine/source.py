@@ -95,6 +95,10 @@ class SendOptions:
     running_timeout_s: float = 60.0
     recovery_timeout_s: float = 300.0
     progress_interval_s: float = 0.25
+    #: bandwidth caps in bytes/s (0: unlimited), as virsh's --bandwidth and
+    #: --postcopy-bandwidth: precopy and switchover, and the postcopy background push
+    precopy_bandwidth: int = 0
+    postcopy_bandwidth: int = 0
 
 
 class _Switch(Exception):
@@ -145,6 +149,8 @@ class SourceEngine:
         self._failure: asyncio.Future[None] | None = None
         self._reconnect_now = asyncio.Event()
         self._t0 = time.monotonic()
+        self._pace_t0 = self._t0
+        self._pace_bytes = 0
 
     # -- control from other tasks ------------------------------------------------------
 
@@ -367,10 +373,24 @@ class SourceEngine:
         nbytes = 0
         for page, n in todo.runs(True, self.opts.frame_pages):
             self._check_interrupts()
-            nbytes += self._send_run(page, n)
+            sent = self._send_run(page, n)
+            nbytes += sent
             self.sent.set(page, n)
             await self._main.drain()
+            await self._pace(sent, self.opts.precopy_bandwidth)
         return nbytes
+
+    async def _pace(self, nbytes: int, limit_bytes_per_s: int) -> None:
+        """Sleep as needed to keep the sending rate at ``limit_bytes_per_s``."""
+        if not limit_bytes_per_s:
+            return
+        now = time.monotonic()
+        if now - self._pace_t0 > 1.0:  # restart the window after idle time
+            self._pace_t0, self._pace_bytes = now, 0
+        self._pace_bytes += nbytes
+        ahead = self._pace_bytes / limit_bytes_per_s - (now - self._pace_t0)
+        if ahead > 0.001:
+            await asyncio.sleep(ahead)
 
     def _check_interrupts(self) -> None:
         assert self._failure is not None
@@ -571,8 +591,10 @@ class SourceEngine:
                     break
                 self._push_cursor, wrapped = 0, True
                 continue
-            self.stats.postcopy_bytes += self._send_run(page, n)
+            sent = self._send_run(page, n)
+            self.stats.postcopy_bytes += sent
             self.sent.set(page, n)
+            await self._pace(sent, self.opts.postcopy_bandwidth)
             self._push_cursor = page + n
             if self._failure is not None and self._failure.done():
                 self._failure.result()
