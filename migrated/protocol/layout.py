@@ -13,7 +13,7 @@ connection calls it before it hands any page event or payload to its caller.
 
 Limits (hostile-peer bounds): at most :data:`MAX_REGIONS` regions, page sizes are
 powers of two from 4 KiB to 1 GiB, regions are page-aligned, non-empty, below
-2**64 and do not overlap.  Construction raises ``ValueError`` on a bad layout; the
+2**64 and do not overlap, and there are at most 2**32 pages in all.  Construction raises ``ValueError`` on a bad layout; the
 codec turns that into ``RemoteProtocolError`` (code ``"bad-layout"``) for layouts
 that arrive from the peer.
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from migrated.errors import RemoteProtocolError
 
 MAX_REGIONS = 64
+#: At most 2**32 pages in all (16 TiB of 4 KiB pages), so a received bitmap is ≤ 512 MiB.
+MAX_TOTAL_PAGES = 1 << 32
 MIN_PAGE_SIZE = 4096
 MAX_PAGE_SIZE = 1 << 30
 _GPA_LIMIT = 1 << 64
@@ -106,6 +108,8 @@ class MemoryLayout:
         for region in regions:
             first.append(index)
             index += region.npages
+        if index > MAX_TOTAL_PAGES:
+            raise ValueError(f"layout has {index} pages, more than {MAX_TOTAL_PAGES}")
         object.__setattr__(self, "_first_index", tuple(first))
         spans = tuple((r.gpa, r.end_gpa, r.page_size) for r in regions)
         object.__setattr__(self, "_spans", spans)
