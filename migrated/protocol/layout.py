@@ -13,9 +13,9 @@ connection calls it before it hands any page event or payload to its caller.
 
 Limits (hostile-peer bounds): at most :data:`MAX_REGIONS` regions, page sizes are
 powers of two from 4 KiB to 1 GiB, regions are page-aligned, non-empty, below
-2**64 and do not overlap, and there are at most 2**32 pages in all.  Construction raises ``ValueError`` on a bad layout; the
-codec turns that into ``RemoteProtocolError`` (code ``"bad-layout"``) for layouts
-that arrive from the peer.
+2**64 and do not overlap, and there are at most 2**32 pages in all.  Construction
+raises ``ValueError`` on a bad layout; the codec turns that into
+``RemoteProtocolError`` (code ``"bad-layout"``) for layouts that arrive from the peer.
 """
 
 from __future__ import annotations
