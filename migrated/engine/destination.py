@@ -117,7 +117,7 @@ class DestinationEngine:
         self._pending: dict[int, _Pending] = {}
         self._next_request_id = 1
         self._tid_to_vcpu: dict[int, int] = {}
-        self._staging = memoryview(bytearray(self.opts.max_frame_nbytes))
+        self._staging: dict[Channel, memoryview] = {}
         self._server: asyncio.Server | None = None
         self._done: asyncio.Future[None] | None = None
         self._complete_sent = False
@@ -271,6 +271,7 @@ class DestinationEngine:
 
     def _on_channel_closed(self, ch: Channel, fut: asyncio.Future[None]) -> None:
         self._channels.discard(ch)
+        self._staging.pop(ch, None)
         if not fut.cancelled():
             fut.exception()  # retrieved here; the session state says what it means
         if ch not in (self._main, self._urgent):
@@ -327,7 +328,12 @@ class DestinationEngine:
         page = self.ram.page_of_gpa(header.gpa)
         if self.uffd is None and not self.session.point_of_no_return:
             return self.ram.view(page, header.npages)  # not registered: write in place
-        return self._staging[: header.npages * PAGE_SIZE]
+        # Each channel has its own staging buffer: a payload may arrive in pieces while
+        # another channel's frame completes in between.
+        staging = self._staging.get(ch)
+        if staging is None:
+            staging = self._staging[ch] = memoryview(bytearray(self.opts.max_frame_nbytes))
+        return staging[: header.npages * PAGE_SIZE]
 
     def _on_pages(self, ch: Channel, p: Pages) -> None:
         assert self.ram is not None and p.data is not None

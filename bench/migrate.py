@@ -1,0 +1,143 @@
+"""Benchmark one migration on loopback and print a JSON object.
+
+    .venv/bin/python bench/migrate.py --memory-mib 4096 --mode postcopy
+
+Runs a real source VM process and a real receiver process (as `migrated demo`
+does), migrates, verifies the guest on the destination, and reports both sides'
+statistics, the targets of the migration issue, the memory migrated used beyond
+guest RAM (peak RSS minus guest RAM), and, measured in the same run, this machine's
+loopback TCP throughput as the physical reference.  Not a test: no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from migrated.demo import LocalPair  # noqa: E402
+
+CHUNK = 1 << 20
+
+
+def _sink(port_q: Any, nbytes: int) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_q.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    buf = memoryview(bytearray(CHUNK))
+    got = 0
+    while got < nbytes:
+        n = conn.recv_into(buf)
+        if not n:
+            break
+        got += n
+    conn.close()
+
+
+def loopback_tcp_bytes_per_s(nbytes: int = 2 << 30) -> float:
+    """Python sockets, 1 MiB writes, two processes: the pipe's ceiling here."""
+    q: Any = multiprocessing.Queue()
+    p = multiprocessing.Process(target=_sink, args=(q, nbytes))
+    p.start()
+    port = q.get()
+    s = socket.create_connection(("127.0.0.1", port))
+    data = memoryview(bytearray(b"\x5a" * CHUNK))
+    t = time.perf_counter()
+    sent = 0
+    while sent < nbytes:
+        s.sendall(data)
+        sent += CHUNK
+    s.shutdown(socket.SHUT_WR)
+    p.join()
+    return nbytes / (time.perf_counter() - t)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def migrate_once(args: argparse.Namespace) -> dict[str, Any]:
+    pair = LocalPair(memory_mib=args.memory_mib, vcpus=args.vcpus, hot_set_mib=args.hot_set_mib,
+                     writes_per_s=args.writes_per_s)
+    try:
+        t = time.monotonic()
+        await pair.start(timeout_s=600)
+        boot_s = time.monotonic() - t
+        assert pair.source is not None and pair.dest is not None
+        src_pid, dst_pid = pair.source.pid, pair.dest.pid
+        src_rss_before = peak_rss_bytes(src_pid)
+        result = await pair.migrate(args.mode, max_precopy_rounds=args.max_precopy_rounds,
+                                    checksum=args.checksum)
+        dst_rss = peak_rss_bytes(dst_pid)
+        verify = await pair.verify_dest(timeout_s=300)
+        dst = (await pair.dest_status()).get("migration") or {}
+        return {"boot_s": round(boot_s, 2), "source": result.get("stats", {}),
+                "destination": dst, "verify_ok": bool(verify.get("ok")),
+                "verify": verify.get("reports"),
+                "source_peak_rss_bytes": src_rss_before, "dest_peak_rss_bytes": dst_rss}
+    finally:
+        pair.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--memory-mib", type=int, default=4096)
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--hot-set-mib", type=int, default=64)
+    p.add_argument("--writes-per-s", type=int, default=20000)
+    p.add_argument("--mode", choices=["postcopy", "hybrid", "precopy"], default="postcopy")
+    p.add_argument("--max-precopy-rounds", type=int, default=5)
+    p.add_argument("--checksum", action="store_true")
+    p.add_argument("--no-loopback-reference", action="store_true")
+    args = p.parse_args()
+
+    import uvloop
+
+    run = uvloop.run(migrate_once(args))
+    ram = args.memory_mib << 20
+    src, dst = run["source"], run["destination"]
+    lat = dst.get("fault_latency", {})
+    total_s = src.get("total_s") or float("nan")
+    gib = ram / (1 << 30)
+    overhead_budget = (64 << 20) + int(gib * (1 << 20))
+    dst_overhead = run["dest_peak_rss_bytes"] - ram
+    out: dict[str, Any] = {
+        "benchmark": "migrate",
+        "config": vars(args),
+        "effective_bytes_per_s": round(ram / total_s),
+        "effective_GB_per_s": round(ram / total_s / 1e9, 3),
+        "total_s": total_s,
+        "downtime_ms": round(src.get("downtime_s", 0) * 1e3, 2),
+        "fault_latency_us": {k: lat.get(k) for k in ("count", "p50_us", "p90_us", "p99_us",
+                                                     "max_us")},
+        "dest_memory_overhead_bytes": dst_overhead,
+        "verify_ok": run["verify_ok"],
+        "targets": {
+            "effective_GB_per_s>=3": ram / total_s >= 3e9,
+            "fault_p50_us<=50": (lat.get("p50_us") or 1e9) <= 50,
+            "fault_p99_us<=500": (lat.get("p99_us") or 1e9) <= 500,
+            "downtime_ms<=5": src.get("downtime_s", 1) * 1e3 <= 5,
+            "dest_overhead<=64MiB+1MiB/GiB": dst_overhead <= overhead_budget,
+        },
+        "run": run,
+    }
+    if not args.no_loopback_reference:
+        ref = loopback_tcp_bytes_per_s()
+        out["loopback_tcp_GB_per_s"] = round(ref / 1e9, 3)
+        out["fraction_of_loopback"] = round(ram / total_s / ref, 3)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
