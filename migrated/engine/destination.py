@@ -550,7 +550,11 @@ class DestinationEngine:
         ):
             return  # re-issued when the link is back
         with contextlib.suppress(ConnectionError, ProtocolError):
-            self.session.handle(req, "sent", channel=ch.conn.channel or ChannelRole.MAIN)
+            self.session.handle(
+                req,
+                "sent",
+                channel=ChannelRole.MAIN if ch.conn.channel is None else ch.conn.channel,
+            )
             ch.send(req)
 
     def _reissue_requests(self) -> None:
