@@ -25,6 +25,7 @@ from migrated.protocol.connection import Connection
 __all__ = ["Channel", "ChannelClosedError", "connect", "tune_socket"]
 
 _SCRATCH_NBYTES = 256 * 1024
+_MAX_READ_NBYTES = 256 * 1024
 _SOCKET_BUFFER_NBYTES = 8 * 1024 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _WRITE_LOW_WATER = 2 * 1024 * 1024
@@ -51,10 +52,23 @@ def tune_socket(sock: socket.socket | None, *, bulk: bool) -> None:
 class Channel(asyncio.BufferedProtocol):
     """One connection.  Until ``on_event`` is set, events queue for :meth:`next_event`."""
 
-    def __init__(self, conn: Connection, *, name: str = "", bulk: bool = False) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        name: str = "",
+        bulk: bool = False,
+        one_read_per_iteration: bool = False,
+    ) -> None:
         self.conn = conn
         self.name = name
         self.bulk = bulk
+        #: libuv reads a ready stream up to 32 times per loop iteration.  On the
+        #: destination's bulk channel that is megabytes of installs before the loop
+        #: looks at the userfaultfd or the urgent channel again: a fault's latency.
+        #: With this set, reading pauses after each read and resumes next iteration.
+        self.one_read_per_iteration = one_read_per_iteration
+        self._holds: set[str] = set()
         self.on_event: OnEvent | None = None
         self.transport: asyncio.Transport | None = None
         self.bytes_received = 0
@@ -88,12 +102,16 @@ class Channel(asyncio.BufferedProtocol):
             target = self.conn.payload_target()
         if target is not None:
             self._into_target = True
-            return target
+            # A bounded read keeps each loop iteration short: faults wait less.
+            return target[:_MAX_READ_NBYTES] if self.one_read_per_iteration else target
         self._into_target = False
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
+        if self.one_read_per_iteration and "yield" not in self._holds:
+            self.hold_reading("yield")
+            asyncio.get_running_loop().call_soon(self.release_reading, "yield")
         try:
             if self._into_target:
                 self.conn.payload_written(nbytes)
@@ -103,6 +121,19 @@ class Channel(asyncio.BufferedProtocol):
             self._fail(exc)
             return
         self._drain()
+
+    def hold_reading(self, reason: str) -> None:
+        """Stop reading until every reason given here was released."""
+        if not self._holds and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._holds.add(reason)
+
+    def release_reading(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         try:

@@ -37,6 +37,7 @@ from migrated.protocol import (
     Complete,
     CompleteAck,
     Discard,
+    DiscardBitmap,
     Error,
     ErrorCode,
     Hello,
@@ -60,9 +61,10 @@ from migrated.vmm.machine import Machine
 from migrated.vmm.state import VmState as MachineState
 
 from .channel import Channel
+from .installer import PageInstaller
 from .prefault import PreFaulter
 from .ram import PAGE_SIZE, GuestRam
-from .stats import MigrationStats
+from .stats import MigrationStats, StepTimer
 
 __all__ = ["DestinationEngine", "RecvOptions"]
 
@@ -75,6 +77,8 @@ class RecvOptions:
     max_ram_bytes: int = 64 << 30
     max_vcpus: int = 8
     max_frame_nbytes: int = 4 << 20
+    #: staging buffers for bulk frames being installed by the installer thread
+    install_buffers: int = 6
     console: str | None = None
     prefault: bool = True
     progress_interval_s: float = 0.25
@@ -109,6 +113,8 @@ class DestinationEngine:
         self.zero = PageBitmap(0)
         self.installed = 0
         self.uffd: Userfaultfd | None = None
+        self.installer: PageInstaller | None = None
+        self._bulk_buf: dict[Channel, memoryview] = {}
         self.prefaulter: PreFaulter | None = None
         self._session_id: bytes | None = None
         self._main: Channel | None = None
@@ -143,7 +149,7 @@ class DestinationEngine:
 
     def _new_channel(self) -> Channel:
         conn = Connection(Role.DESTINATION, None, max_frame_payload=self.opts.max_frame_nbytes)
-        ch = Channel(conn, name="incoming", bulk=True)
+        ch = Channel(conn, name="incoming", bulk=True, one_read_per_iteration=True)
         conn.set_payload_sink(lambda header: self._sink(ch, header))
         ch.deliver_to(self._on_event)
         self._channels.add(ch)
@@ -250,7 +256,12 @@ class DestinationEngine:
             if hello.resume:
                 assert self.ram is not None
                 ch.conn.set_layout(self.ram.layout)
-                bitmap = ReceivedBitmap(memoryview(self.received.data))
+                if self.installer is not None:
+                    with self.installer.lock:  # the installer thread may be setting bits
+                        snapshot = bytes(self.received.data)
+                else:
+                    snapshot = bytes(self.received.data)
+                bitmap = ReceivedBitmap(memoryview(snapshot))
                 self.session.handle(bitmap, "sent")
                 ch.send(bitmap)
                 self.stats.recoveries += 1
@@ -328,34 +339,46 @@ class DestinationEngine:
         page = self.ram.page_of_gpa(header.gpa)
         if self.uffd is None and not self.session.point_of_no_return:
             return self.ram.view(page, header.npages)  # not registered: write in place
+        nbytes = header.npages * PAGE_SIZE
+        if self.installer is not None and ch is self._main:
+            buf = self.installer.take_buffer()
+            if buf is not None:
+                if self.installer.buffers_free == 0:
+                    ch.hold_reading("staging")  # released when a buffer comes back
+                self._bulk_buf[ch] = buf
+                return buf[:nbytes]
         # Each channel has its own staging buffer: a payload may arrive in pieces while
         # another channel's frame completes in between.
         staging = self._staging.get(ch)
         if staging is None:
             staging = self._staging[ch] = memoryview(bytearray(self.opts.max_frame_nbytes))
-        return staging[: header.npages * PAGE_SIZE]
+        return staging[:nbytes]
 
     def _on_pages(self, ch: Channel, p: Pages) -> None:
         assert self.ram is not None and p.data is not None
         page = self.ram.page_of_gpa(p.gpa)
         nbytes = p.npages * PAGE_SIZE
         self._account(nbytes, p.npages, zero=False)
-        if self.uffd is None:
+        if self.installer is None:
             self.zero.clear(page, p.npages)
             self.installed += self._mark(page, p.npages)
             return
-        self._install(page, p.npages, p.data)
+        buf = self._bulk_buf.pop(ch, None)
+        if buf is not None:
+            self.installer.submit(page, p.npages, p.data, buf)
+        else:
+            self._after_install(self.installer.install(page, p.npages, p.data))
 
     def _on_zero_pages(self, ch: Channel, z: ZeroPages) -> None:
         assert self.ram is not None
         page = self.ram.page_of_gpa(z.gpa)
         self._account(0, z.npages, zero=True)
-        if self.uffd is None:
+        if self.installer is None:
             self.ram.discard(page, z.npages)  # reads as zero; a no-op where never written
             self.zero.set(page, z.npages)
             self.installed += self._mark(page, z.npages)
             return
-        self._install(page, z.npages, None)
+        self._after_install(self.installer.install(page, z.npages, None))
 
     def _account(self, nbytes: int, npages: int, *, zero: bool) -> None:
         if zero:
@@ -384,37 +407,30 @@ class DestinationEngine:
         self.received.set(page, npages)
         return new
 
-    def _install(self, page: int, npages: int, data: memoryview | None) -> None:
-        """UFFDIO_COPY (or ZEROPAGE) the not-yet-received sub-runs of a run, wake the
-        vCPUs waiting there and account the requests they answer."""
-        assert self.ram is not None and self.uffd is not None
-        end = page + npages
-        pos = page
-        uffd = self.uffd
-        while pos < end:
-            i, n = self.received.find_run(pos, False, end - pos)
-            if i < 0 or i >= end:
-                break
-            n = min(n, end - i)
-            addr = self.ram.host_address(i)
-            if data is None:
-                r = uffd.zeropage(addr, n * PAGE_SIZE)
-            else:
-                off = (i - page) * PAGE_SIZE
-                r = uffd.copy(addr, data[off : off + n * PAGE_SIZE], n * PAGE_SIZE)
-            if r.already_present:
-                self.stats.duplicate_pages += r.already_present // PAGE_SIZE
-                uffd.wake(addr, n * PAGE_SIZE)
-            self.received.set(i, n)
+    def _after_install(self, runs: list[tuple[int, int]]) -> None:
+        """On the loop, after pages were newly installed: count them, answer the faults
+        waiting for them, queue them for pre-faulting, maybe complete."""
+        assert self.ram is not None
+        for i, n in runs:
             self.installed += n
             if self._pending:
                 self._answer(i, n)
             if self.prefaulter is not None:
                 self.prefaulter.submit(self.ram.gpa_of_page(i), n * PAGE_SIZE)
-            pos = i + n
-        if pos == page:
-            self.stats.duplicate_pages += npages
         self._maybe_complete()
+
+    def _bulk_done(self, buf: memoryview, runs: list[tuple[int, int]]) -> None:
+        installer = self.installer
+        if installer is None:
+            return
+        installer.give_back(buf)
+        if self._main is not None:
+            self._main.release_reading("staging")
+        if installer.failure is not None:
+            self.emit({"event": "error", "error": f"installing pages failed: {installer.failure}"})
+            self._fail(installer.failure)
+            return
+        self._after_install(runs)
 
     def _answer(self, page: int, npages: int) -> None:
         now = time.monotonic()
@@ -438,6 +454,15 @@ class DestinationEngine:
         self.zero.clear(page, d.npages)
         self.ram.discard(page, d.npages)
         self.stats.discarded_pages += d.npages
+
+    def _on_discard_bitmap(self, ch: Channel, d: DiscardBitmap) -> None:
+        assert self.ram is not None and d.data is not None
+        stale = PageBitmap.from_bytes(self.ram.total_pages, d.data)
+        before = self.received.count()
+        self.received.andnot(stale)
+        self.zero.andnot(stale)
+        self.installed -= before - self.received.count()
+        self.stats.discarded_pages += self.ram.discard_marked(stale)
 
     def _count_clear(self, page: int, npages: int) -> int:
         clear, pos, end = 0, page, page + npages
@@ -463,7 +488,9 @@ class DestinationEngine:
     def _on_vm_state(self, ch: Channel, v: VmState) -> None:
         assert self.ram is not None and v.data is not None
         try:
+            t = time.monotonic()
             state = MachineState.from_bytes(bytes(v.data))
+            self.stats.downtime_breakdown_ms["parse-state"] = round((time.monotonic() - t) * 1e3, 3)
             self._start_guest(state)
         except Exception as exc:
             self._teardown_failed()
@@ -481,6 +508,8 @@ class DestinationEngine:
     def _start_guest(self, state: MachineState) -> None:
         assert self.ram is not None
         memory = self._memories[0]
+        mark = StepTimer(self.stats.downtime_breakdown_ms).mark
+
         if not self.received.all_set():
             uffd = Userfaultfd.open(UffdFeature.THREAD_ID)
             for r in self.ram.regions:
@@ -491,15 +520,27 @@ class DestinationEngine:
             for page, n in self.zero.runs(True):
                 for p, m in self.ram.split(page, n, self.ram.total_pages):
                     uffd.zeropage(self.ram.host_address(p), m * PAGE_SIZE)
+            self.installer = PageInstaller(
+                self.ram,
+                self.received,
+                uffd,
+                self._bulk_done,
+                nbuffers=self.opts.install_buffers,
+                buffer_nbytes=self.opts.max_frame_nbytes,
+            )
             loop = asyncio.get_running_loop()
             loop.add_reader(uffd.fileno(), self._on_faults)
+            mark("userfaultfd-register")
         machine = Machine.restore(state, memory=memory, own_memory=True, console=self.opts.console)
         self.machine = machine
+        mark("create-vm")
         self._memories = []  # the machine holds the memory now
         if self.opts.prefault:
             self.prefaulter = PreFaulter(machine, self.emit)
             self.prefaulter.probe(self._first_received_gpa())
+            mark("prefault-probe")
         machine.start()
+        mark("start-vcpus")
         self._tid_to_vcpu = machine.vcpu_thread_ids()
 
     def _first_received_gpa(self) -> int | None:
@@ -581,6 +622,11 @@ class DestinationEngine:
 
     def _on_complete_ack(self, ch: Channel, a: CompleteAck) -> None:
         assert self.ram is not None
+        if self.installer is not None:
+            self.installer.close()
+            self.stats.install_s = self.installer.install_s
+            self.stats.duplicate_pages += self.installer.duplicate_pages
+            self.installer = None
         if self.uffd is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self.uffd.fileno())
@@ -593,6 +639,7 @@ class DestinationEngine:
         self.stats.total_s = now - self._t0
         if self.prefaulter is not None:
             self.stats.prefault = self.prefaulter.report()
+            self.prefaulter.close()
         self._state_event()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
@@ -609,6 +656,9 @@ class DestinationEngine:
 
     def _teardown_failed(self) -> None:
         """Release everything of a migration that failed before the guest ran here."""
+        if self.installer is not None:
+            self.installer.close()
+            self.installer = None
         if self.uffd is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.uffd.fileno())
@@ -626,6 +676,7 @@ class DestinationEngine:
         Pages: _on_pages,
         ZeroPages: _on_zero_pages,
         Discard: _on_discard,
+        DiscardBitmap: _on_discard_bitmap,
         PrecopyRoundEnd: _on_round_end,
         Switchover: _on_switchover,
         VmState: _on_vm_state,

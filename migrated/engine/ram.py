@@ -112,6 +112,10 @@ class GuestRam:
             yield is_zero, page + pos, n
             pos += n
 
+    def discard_marked(self, bitmap: PageBitmap) -> int:
+        """MADV_DONTNEED every page set in the global ``bitmap``; returns the count."""
+        return sum(r.memory.discard_marked(bitmap.data, r.first_page) for r in self.regions)
+
     def discard(self, page: int, npages: int) -> None:
         """MADV_DONTNEED the pages: they read as missing (userfaultfd) or zero."""
         for p, n in self.split(page, npages, self.total_pages):

@@ -47,6 +47,7 @@ from migrated.protocol import (
     Complete,
     CompleteAck,
     Discard,
+    DiscardBitmap,
     Error,
     Hello,
     PageRequest,
@@ -69,7 +70,7 @@ from migrated.vmm.machine import Runstate
 
 from .channel import Channel, ChannelClosedError, connect
 from .ram import PAGE_SIZE, GuestRam
-from .stats import MigrationStats
+from .stats import MigrationStats, StepTimer
 
 __all__ = ["Mode", "SendOptions", "SourceEngine"]
 
@@ -89,7 +90,7 @@ class SendOptions:
     precopy_time_limit_s: float = 60.0
     #: precopy mode switches over once a round's dirty set is at most this many pages
     converge_pages: int = 1024
-    frame_pages: int = 64  # 256 KiB page frames
+    frame_pages: int = 256  # 1 MiB page frames (urgent answers are single pages)
     checksum: bool = False
     connect_timeout_s: float = 10.0
     running_timeout_s: float = 60.0
@@ -99,6 +100,10 @@ class SendOptions:
     #: --postcopy-bandwidth: precopy and switchover, and the postcopy background push
     precopy_bandwidth: int = 0
     postcopy_bandwidth: int = 0
+
+
+# Above this many stale runs at switchover, one DiscardBitmap frame is cheaper.
+_MAX_DISCARD_FRAMES = 32
 
 
 class _Switch(Exception):
@@ -470,12 +475,16 @@ class SourceEngine:
         self._phase = "switchover"
         t_pause = time.monotonic()
         self._downtime_t0 = t_pause
+        mark = StepTimer(self.stats.downtime_breakdown_ms).mark
+
         try:
             self.machine.pause()
+            mark("pause")
             stale = getattr(self, "_pending_dirty", None) or PageBitmap(self.ram.total_pages)
             if self.opts.mode is not Mode.POSTCOPY:
                 stale.or_count_new(self._fetch_dirty())
                 self._disable_dirty_log()
+            mark("final-dirty-sync")
             self._send_main(Switchover())
             self._state_event()
             if self.opts.mode is Mode.PRECOPY:
@@ -491,13 +500,14 @@ class SourceEngine:
                 only_unsent = stale.copy()
                 only_unsent.andnot(self.sent)
                 stale_sent.andnot(only_unsent)  # stale & sent
-                for page, n in stale_sent.runs(True, 1 << 16):
-                    for p, m in self.ram.split(page, n, 1 << 16):
-                        self._send_main(Discard(self.ram.gpa_of_page(p), m))
+                self._send_discards(stale_sent)
                 self.stats.discarded_pages = stale_sent.count()
                 self.sent.andnot(stale_sent)
+            mark("discards-or-final-pages")
             self.stats.downtime_bytes += self._send_resident()
+            mark("resident-pages")
             blob = self.machine.capture_state().to_bytes()
+            mark("capture-state")
             self._send_main(VmState(memoryview(blob)))
             self.stats.downtime_bytes += len(blob)
         except BaseException as exc:
@@ -505,6 +515,18 @@ class SourceEngine:
                 raise  # VmState went out: handled by _await_running's rules
             await self._abort_before_switchover(exc)
         self._state_event()
+
+    def _send_discards(self, stale: PageBitmap) -> None:
+        """Tell the destination to drop ``stale``: a few Discard runs, or one
+        DiscardBitmap frame when the set is scattered (per-frame cost dominates)."""
+        runs: list[tuple[int, int]] = []
+        for page, n in stale.runs(True, 1 << 16):
+            runs.extend(self.ram.split(page, n, 1 << 16))
+            if len(runs) > _MAX_DISCARD_FRAMES:
+                self._send_main(DiscardBitmap(memoryview(stale.data)))
+                return
+        for p, m in runs:
+            self._send_main(Discard(self.ram.gpa_of_page(p), m))
 
     def _send_resident(self) -> int:
         """Send the pages the destination must have before any vCPU runs (see
@@ -528,6 +550,11 @@ class SourceEngine:
         )
         if self._running.done():
             self.stats.downtime_s = time.monotonic() - self._downtime_t0
+            self.stats.downtime_breakdown_ms["wait-running"] = round(
+                (self.stats.downtime_s - sum(self.stats.downtime_breakdown_ms.values()) / 1e3)
+                * 1e3,
+                3,
+            )
             self._state_event()
             return
         if self._failure.done() and self.session.state is MigrationState.FAILED:

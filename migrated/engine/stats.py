@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import array
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LatencyHistogram", "MigrationStats"]
+__all__ = ["LatencyHistogram", "MigrationStats", "StepTimer"]
 
 
 class LatencyHistogram:
@@ -65,6 +66,19 @@ class LatencyHistogram:
         }
 
 
+class StepTimer:
+    """Records the milliseconds each named step took into ``into`` (a stats dict)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.last = time.monotonic()
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.into[step] = round((now - self.last) * 1e3, 3)
+        self.last = now
+
+
 @dataclass
 class MigrationStats:
     """One side's view of a migration.  ``status`` uses QEMU's words."""
@@ -100,6 +114,10 @@ class MigrationStats:
     blocktime_s_per_vcpu: dict[int, float] = field(default_factory=dict)
     prefault: dict[str, Any] = field(default_factory=dict)
     recoveries: int = 0
+    #: destination: seconds inside UFFDIO_COPY/UFFDIO_ZEROPAGE (all install calls)
+    install_s: float = 0.0
+    #: where the downtime went, step -> milliseconds (each side measures its own steps)
+    downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
     @property

@@ -263,6 +263,8 @@ size_t mig_bitmap_count(const uint8_t *bitmap, size_t nbits);
 void mig_bitmap_set_range(uint8_t *bitmap, size_t start, size_t n, int value);
 size_t mig_bitmap_or_count_new(uint8_t *dst, const uint8_t *src, size_t nbytes);
 void mig_bitmap_andnot(uint8_t *dst, const uint8_t *src, size_t nbytes);
+int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
+                           const uint8_t *bitmap, size_t first_bit);
 """
 
 SOURCE = r"""
@@ -593,6 +595,25 @@ size_t mig_bitmap_or_count_new(uint8_t *dst, const uint8_t *src, size_t nbytes) 
 /* dst &= ~src */
 void mig_bitmap_andnot(uint8_t *dst, const uint8_t *src, size_t nbytes) {
     for (size_t i = 0; i < nbytes; i++) dst[i] &= (uint8_t)~src[i];
+}
+
+/* MADV_DONTNEED every run of set bits among bits [first_bit, first_bit + npages) of
+ * bitmap; bit first_bit + i stands for the page at base + i * page_size.  Returns the
+ * number of pages dropped, or -errno of the first madvise that failed. */
+int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
+                           const uint8_t *bitmap, size_t first_bit) {
+    size_t end = first_bit + npages, pos = first_bit, len;
+    int64_t dropped = 0;
+    while (pos < end) {
+        int64_t i = mig_bitmap_find_run(bitmap, end, pos, 1, 0, &len);
+        if (i < 0) break;
+        if (madvise(base + ((size_t)i - first_bit) * page_size, len * page_size,
+                    MADV_DONTNEED) < 0)
+            return -errno;
+        dropped += (int64_t)len;
+        pos = (size_t)i + len;
+    }
+    return dropped;
 }
 """
 

@@ -21,7 +21,7 @@ import enum
 import mmap as _mmap
 import os
 
-from ._util import ffi, lib, raise_errno
+from ._util import check, ffi, lib, raise_errno
 
 __all__ = ["Backing", "GuestMemory"]
 
@@ -105,6 +105,29 @@ class GuestMemory:
         self._check_range(offset, nbytes)
         if lib.madvise(ffi.cast("void *", self.address + offset), nbytes, lib.MADV_DONTNEED) < 0:
             raise_errno(ffi.errno, f"madvise(MADV_DONTNEED) on guest RAM +{offset:#x}")
+
+    def discard_marked(self, bitmap: bytearray | memoryview, first_bit: int = 0) -> int:
+        """MADV_DONTNEED every page whose bit is set: bit ``first_bit + i`` of
+        ``bitmap`` (LSB first) stands for page ``i`` of this memory.  Returns the
+        number of pages dropped; one madvise per run, no Python work per page."""
+        if self._view is None:
+            raise ValueError("guest memory is closed")
+        npages = self.nbytes // self.page_size
+        if len(bitmap) * 8 < first_bit + npages:
+            raise ValueError(
+                f"bitmap of {len(bitmap)} bytes does not cover pages "
+                f"{first_bit}..{first_bit + npages}"
+            )
+        return check(
+            lib.mig_discard_bitmap(
+                ffi.cast("uint8_t *", self.address),
+                npages,
+                self.page_size,
+                ffi.from_buffer(bitmap),
+                first_bit,
+            ),
+            "madvise(MADV_DONTNEED) of discarded guest pages",
+        )
 
     def _check_range(self, offset: int, nbytes: int) -> None:
         if self._view is None:

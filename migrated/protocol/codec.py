@@ -10,7 +10,7 @@ type, bounds and conversion) and a payload rule:
   region holding ``gpa`` (bounded by the connection's ``max_frame_payload``).
 * ``BLOB``: header ends with ``nbytes, checksum``; ``nbytes`` ≤ 64 MiB (VmState).
 * ``BITMAP``: header ends with ``nbytes, checksum``; ``nbytes`` must equal
-  ``layout.bitmap_nbytes`` (ReceivedBitmap).
+  ``layout.bitmap_nbytes`` (ReceivedBitmap, DiscardBitmap).
 
 ``checksum`` is msgpack nil when the connection negotiated no checksum, else an
 unsigned 64-bit integer (xxh3_64 or crc32 of the payload).
@@ -230,6 +230,7 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(17, ev.CompleteAck, ()),
     MessageSpec(18, ev.Cancel, (("reason", TEXT),)),
     MessageSpec(19, ev.ReceivedBitmap, (), Payload.BITMAP),
+    MessageSpec(20, ev.DiscardBitmap, (), Payload.BITMAP),
 )
 
 PAGES_CODE = 6  # the hot message; Connection has a fast path checked against the table
@@ -301,7 +302,8 @@ def _payload_size(
     if rule is Payload.BITMAP:
         if declared_nbytes != layout.bitmap_nbytes:
             raise FieldError(
-                f"ReceivedBitmap of {declared_nbytes} bytes, layout needs {layout.bitmap_nbytes}",
+                f"{spec.cls.__name__} of {declared_nbytes} bytes, layout needs "
+                f"{layout.bitmap_nbytes}",
                 ev.ErrorCode.FRAME_TOO_LARGE,
             )
         return declared_nbytes

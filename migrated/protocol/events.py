@@ -182,6 +182,15 @@ class Discard:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscardBitmap:
+    """Pages sent earlier but dirtied since, as a bitmap (1 bit per global page, LSB
+    first, the ReceivedBitmap layout): one frame instead of a Discard per run when the
+    stale set is scattered.  The destination must drop every page whose bit is set."""
+
+    data: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PrecopyRoundEnd:
     """Progress marker: precopy round ``round`` ended with ``dirty_pages`` dirty pages."""
 
@@ -286,6 +295,7 @@ WireEvent = (
     | Pages
     | ZeroPages
     | Discard
+    | DiscardBitmap
     | PrecopyRoundEnd
     | Switchover
     | VmState
@@ -310,6 +320,7 @@ WIRE_EVENT_TYPES: tuple[type, ...] = (
     Pages,
     ZeroPages,
     Discard,
+    DiscardBitmap,
     PrecopyRoundEnd,
     Switchover,
     VmState,

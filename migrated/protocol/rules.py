@@ -25,6 +25,7 @@ CHANNEL_RULES: dict[tuple[ChannelRole, Role], frozenset[type]] = {
             ev.Pages,
             ev.ZeroPages,
             ev.Discard,
+            ev.DiscardBitmap,
             ev.PrecopyRoundEnd,
             ev.Switchover,
             ev.VmState,

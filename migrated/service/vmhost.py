@@ -318,6 +318,6 @@ def send_options(req: dict[str, Any]) -> SendOptions:
             kw[key] = conv(req[key])
     if kw.get("max_precopy_rounds", 1) < 1:
         raise ConfigError("--max-precopy-rounds must be at least 1")
-    if not 1 <= kw.get("frame_pages", 64) <= 1024:
+    if not 1 <= kw.get("frame_pages", 256) <= 1024:
         raise ConfigError("frame_pages must be 1..1024")
     return SendOptions(**kw)

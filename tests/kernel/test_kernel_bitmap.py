@@ -60,3 +60,17 @@ def test_find_zero_pages() -> None:
         out = PageBitmap(64)
         assert find_zero_pages(mem.address, 64, 4096, out) == 44
         assert {i for i in range(64) if not out[i]} == nonzero
+
+
+def test_discard_marked_drops_exactly_the_set_pages() -> None:
+    with GuestMemory.create(64 * 4096) as mem:
+        mem.view[:] = b"\x11" * mem.nbytes
+        bm = PageBitmap(10 + 64)  # pages of this memory start at bit 10
+        for p in (0, 1, 2, 17, 40, 63):
+            bm.set(10 + p)
+        assert mem.discard_marked(bm.data, first_bit=10) == 6
+        for p in range(64):
+            expect = 0 if p in (0, 1, 2, 17, 40, 63) else 0x11
+            assert mem.view[p * 4096] == expect and mem.view[p * 4096 + 4095] == expect
+        with pytest.raises(ValueError, match="does not cover"):
+            mem.discard_marked(bytearray(4))

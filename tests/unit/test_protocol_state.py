@@ -101,6 +101,7 @@ EVENT_SAMPLES = [
     ev.Pages(0, 1, None),
     ev.ZeroPages(0, 1),
     ev.Discard(0, 1),
+    ev.DiscardBitmap(None),
     ev.PrecopyRoundEnd(1, 1),
     ev.VmState(None),
     ev.PageRequest(1, 0, 1),
