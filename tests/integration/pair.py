@@ -140,6 +140,23 @@ class Netns:
         _ip("netns", "exec", self.src_ns, "tc", "qdisc", "add", "dev", self.src_if, "root",
             "tbf", "rate", rate, "burst", "256kb", "latency", "100ms")  # fmt: skip
 
+    def abort_connections(self, port: int) -> None:
+        """Abort every TCP connection to/from ``port`` in both namespaces (``ss -K``): what
+        each kernel does once it gives up on a dead link, without waiting minutes."""
+        for ns in (self.src_ns, self.dst_ns):
+            r = subprocess.run(
+                ["ip", "netns", "exec", ns, "ss", "-K", "-t", "state", "established",
+                 f"( sport = :{port} or dport = :{port} )"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if r.returncode != 0:
+                raise RuntimeError(f"ss -K in {ns} failed: {r.stderr.strip()}")
+
+    def tx_bytes(self, side: str) -> int:
+        ns, dev = (self.src_ns, self.src_if) if side == "source" else (self.dst_ns, self.dst_if)
+        r = _ip("-n", ns, "-j", "-s", "link", "show", "dev", dev)
+        return int(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
+
     def link(self, up: bool) -> None:
         """Cut or restore the link: the destination's end of the veth goes down/up."""
         _ip("-n", self.dst_ns, "link", "set", self.dst_if, "up" if up else "down")
@@ -390,8 +407,19 @@ class Pair:
             time.sleep(interval)
 
     def close(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
+        live = [p for p in self.procs if p.alive()]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.terminate()
+        deadline = time.monotonic() + 5
+        for p in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+        for p in live:  # SIGKILL what ignored SIGTERM (a split postcopy does, on purpose)
+            if p.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    p.popen.kill()
+                p.popen.wait(30)
         for sock in (self.src_sock, self.dst_sock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)

@@ -102,7 +102,7 @@ def test_postcopy_2gib_2vcpus(pair: Pair) -> None:
     guest = Guest(memory_mib=2048, vcpus=2, hot_set_mib=64)
     pair.start_dest()
     pair.start_source(guest, timeout=240)
-    src, dst = migrated_ok(pair, "postcopy", guest)
+    _src, dst = migrated_ok(pair, "postcopy", guest)
     assert dst["postcopy_requests"] > 0, dst
     assert dst["ram_bytes"] == 2048 << 20
 
@@ -116,7 +116,7 @@ def test_postcopy_2gib_2vcpus(pair: Pair) -> None:
 def test_hybrid_with_checksum_while_guest_writes(pair: Pair) -> None:
     guest = Guest(memory_mib=256, vcpus=2, hot_set_mib=64, writes_per_s=20000)
     pair.start(guest)
-    src, dst = migrated_ok(pair, "hybrid", guest, "--checksum")
+    src, _dst = migrated_ok(pair, "hybrid", guest, "--checksum")
     assert src["precopy_rounds"] >= 1
 
 
