@@ -126,6 +126,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         "max_precopy_rounds": args.max_precopy_rounds,
         "checksum": args.checksum,
         "recovery_timeout_s": args.recovery_timeout,
+        "precopy_bandwidth": _mbps(args.precopy_bandwidth),
+        "postcopy_bandwidth": _mbps(args.postcopy_bandwidth),
     }
 
     async def go() -> dict[str, Any]:
@@ -153,6 +155,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _mbps(value: float | None) -> int | None:
+    """MB/s on the command line, bytes/s on the wire."""
     return None if value is None else int(value * 1e6)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ class Channel(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.last_rx = time.monotonic()
         self._scratch = memoryview(bytearray(_SCRATCH_NBYTES))
         self._into_target = False
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -109,6 +111,7 @@ class Channel(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
+        self.last_rx = time.monotonic()
         if self.one_read_per_iteration and "yield" not in self._holds:
             self.hold_reading("yield")
             asyncio.get_running_loop().call_soon(self.release_reading, "yield")
@@ -226,6 +229,10 @@ class Channel(asyncio.BufferedProtocol):
         for b in bufs:
             self.bytes_sent += len(b)
         transport.writelines(bufs)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last byte arrived (both sides send heartbeats)."""
+        return now - self.last_rx
 
     @property
     def write_blocked(self) -> bool:

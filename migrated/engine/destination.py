@@ -82,6 +82,8 @@ class RecvOptions:
     console: str | None = None
     prefault: bool = True
     progress_interval_s: float = 0.25
+    #: a MAIN channel silent this long is declared dead (both sides send heartbeats)
+    heartbeat_timeout_s: float = 5.0
 
 
 @dataclass
@@ -709,3 +711,18 @@ class DestinationEngine:
                     "faults": self.stats.postcopy_requests,
                 }
             )
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """Send ours; declare MAIN dead when the source's stopped arriving."""
+        main, state, now = self._main, self.session.state, time.monotonic()
+        if main is None or main.closed.done() or self.ram is None:
+            return
+        if state in (MigrationState.ACTIVE, MigrationState.POSTCOPY_ACTIVE):
+            with contextlib.suppress(ConnectionError, ProtocolError):
+                beat = Progress(self.stats.transferred_bytes, self.ram.total_pages - self.installed)
+                self.session.handle(beat, "sent")
+                main.send(beat)
+            if main.silent_for(now) > self.opts.heartbeat_timeout_s:
+                self.emit({"event": "link-silent", "seconds": round(main.silent_for(now), 1)})
+                main.abort()

@@ -96,6 +96,8 @@ class SendOptions:
     running_timeout_s: float = 60.0
     recovery_timeout_s: float = 300.0
     progress_interval_s: float = 0.25
+    #: a MAIN channel silent this long is declared dead (both sides send heartbeats)
+    heartbeat_timeout_s: float = 5.0
     #: bandwidth caps in bytes/s (0: unlimited), as virsh's --bandwidth and
     #: --postcopy-bandwidth: precopy and switchover, and the postcopy background push
     precopy_bandwidth: int = 0
@@ -104,6 +106,10 @@ class SendOptions:
 
 # Above this many stale runs at switchover, one DiscardBitmap frame is cheaper.
 _MAX_DISCARD_FRAMES = 32
+
+
+# States in which the destination's heartbeats must keep arriving.
+_WATCHED = (MigrationState.ACTIVE, MigrationState.DEVICE, MigrationState.POSTCOPY_ACTIVE)
 
 
 class _Switch(Exception):
@@ -155,6 +161,7 @@ class SourceEngine:
         self._reconnect_now = asyncio.Event()
         self._t0 = time.monotonic()
         self._pace_t0 = self._t0
+        self._guest_runs = True  # until the switchover pauses it
         self._pace_bytes = 0
 
     # -- control from other tasks ------------------------------------------------------
@@ -367,7 +374,12 @@ class SourceEngine:
                     self._send_main(ZeroPages(gpa, m))
                     self.stats.zero_pages += m
                 else:
-                    self._send_main(Pages(gpa, m, self.ram.view(q, m)))
+                    view = self.ram.view(q, m)
+                    if self._guest_runs and self._main is not None and self._main.conn.checksum:
+                        # The guest may rewrite the page before the queued bytes leave:
+                        # checksum and send a snapshot (the dirty log resends it anyway).
+                        view = memoryview(bytes(view))
+                    self._send_main(Pages(gpa, m, view))
                     self.stats.normal_pages += m
                     nbytes += m * PAGE_SIZE
         return nbytes
@@ -479,6 +491,7 @@ class SourceEngine:
 
         try:
             self.machine.pause()
+            self._guest_runs = False
             mark("pause")
             stale = getattr(self, "_pending_dirty", None) or PageBitmap(self.ram.total_pages)
             if self.opts.mode is not Mode.POSTCOPY:
@@ -750,9 +763,16 @@ class SourceEngine:
                 }
             )
             last_t, last_bytes = now, moved
-            if self._main is not None and self.session.state in (
-                MigrationState.ACTIVE,
-                MigrationState.POSTCOPY_ACTIVE,
-            ):
+            main = self._main
+            if main is None or main.closed.done():
+                continue
+            if self.session.state in (MigrationState.ACTIVE, MigrationState.POSTCOPY_ACTIVE):
                 with contextlib.suppress(ChannelClosedError, ProtocolError):
-                    self._send_main(Progress(moved, remaining))
+                    self._send_main(Progress(moved, remaining))  # our heartbeat
+            if (
+                self.session.state in _WATCHED
+                and main.silent_for(now) > self.opts.heartbeat_timeout_s
+            ):
+                # A black hole sends neither RST nor FIN: silence is the only sign.
+                self.emit({"event": "link-silent", "seconds": round(main.silent_for(now), 1)})
+                main.abort()

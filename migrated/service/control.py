@@ -138,7 +138,7 @@ async def stream(path: str, cmd: str, **args: Any) -> AsyncIterator[dict[str, An
                     exit_code=4,
                 )
             msg = json.loads(line)
-            if "error" in msg:
+            if "error" in msg and "event" not in msg:  # events may carry an "error" field
                 e = msg["error"]
                 raise ControlError(
                     e.get("message", "error"),

@@ -313,9 +313,14 @@ def send_options(req: dict[str, Any]) -> SendOptions:
         ("precopy_time_limit_s", float),
         ("checksum", bool),
         ("frame_pages", int),
+        ("precopy_bandwidth", int),
+        ("postcopy_bandwidth", int),
     ):
         if req.get(key) is not None:
             kw[key] = conv(req[key])
+    for key in ("precopy_bandwidth", "postcopy_bandwidth"):
+        if kw.get(key, 0) < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     if kw.get("max_precopy_rounds", 1) < 1:
         raise ConfigError("--max-precopy-rounds must be at least 1")
     if not 1 <= kw.get("frame_pages", 256) <= 1024:
