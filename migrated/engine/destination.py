@@ -63,7 +63,7 @@ from migrated.vmm.state import VmState as MachineState
 from .channel import Channel
 from .installer import PageInstaller
 from .prefault import PreFaulter
-from .ram import PAGE_SIZE, GuestRam
+from .ram import PAGE_SIZE, GuestRam, staging_buffer
 from .stats import MigrationStats, StepTimer
 
 __all__ = ["DestinationEngine", "RecvOptions"]
@@ -353,7 +353,7 @@ class DestinationEngine:
         # another channel's frame completes in between.
         staging = self._staging.get(ch)
         if staging is None:
-            staging = self._staging[ch] = memoryview(bytearray(self.opts.max_frame_nbytes))
+            staging = self._staging[ch] = staging_buffer(self.opts.max_frame_nbytes)
         return staging[:nbytes]
 
     def _on_pages(self, ch: Channel, p: Pages) -> None:

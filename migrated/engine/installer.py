@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from migrated.kernel import PageBitmap, Userfaultfd
 
-from .ram import PAGE_SIZE, GuestRam
+from .ram import PAGE_SIZE, GuestRam, staging_buffer
 
 __all__ = ["PageInstaller"]
 
@@ -57,7 +57,7 @@ class PageInstaller:
         self.duplicate_pages = 0
         self._on_bulk_done = on_bulk_done
         self._loop = asyncio.get_running_loop()
-        self._free = [memoryview(bytearray(buffer_nbytes)) for _ in range(nbuffers)]
+        self._free = [staging_buffer(buffer_nbytes) for _ in range(nbuffers)]
         self._queue: queue.SimpleQueue[tuple[int, int, memoryview | None, memoryview] | None]
         self._queue = queue.SimpleQueue()
         self._failure: BaseException | None = None

@@ -8,15 +8,23 @@ contiguous host range.
 from __future__ import annotations
 
 import bisect
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from migrated.kernel import GuestMemory, PageBitmap, find_zero_pages
 from migrated.protocol import MemoryLayout, MemoryRegion
 
-__all__ = ["GuestRam", "RamRegion"]
+__all__ = ["GuestRam", "RamRegion", "staging_buffer"]
 
 PAGE_SIZE = 4096
+
+
+def staging_buffer(nbytes: int) -> memoryview:
+    """A writable buffer whose pages are allocated on first use.  ``bytearray(n)``
+    zero-fills eagerly: megabytes of first touches that must not happen inside the
+    downtime or in front of a fault."""
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,28 @@ from __future__ import annotations
 
 from cffi import FFI
 
-CDEF = r"""
+# Flattened views of kernel unions, declared once for both cffi and the compiler.
+SHARED = r"""
+struct mig_io_exit {
+    uint8_t direction;
+    uint8_t size;
+    uint16_t port;
+    uint32_t count;
+    uint64_t data_offset;
+};
+struct mig_uffd_event {
+    uint8_t event;
+    uint64_t address;
+    uint64_t flags;
+    uint32_t ptid;
+    uint64_t start;
+    uint64_t end;
+};
+"""
+
+CDEF = (
+    SHARED
+    + r"""
 /* ---- libc ---- */
 int ioctl(int fd, unsigned long request, ...);
 int open(const char *path, int flags, ...);
@@ -217,13 +238,6 @@ struct uffdio_copy { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; in
 struct uffdio_zeropage { struct uffdio_range range; uint64_t mode; int64_t zeropage; };
 
 /* ---- flattening accessors and helpers (C source below) ---- */
-struct mig_io_exit {
-    uint8_t direction;
-    uint8_t size;
-    uint16_t port;
-    uint32_t count;
-    uint64_t data_offset;
-};
 void mig_run_io(struct kvm_run *run, struct mig_io_exit *out);
 uint64_t mig_run_fail_entry_reason(struct kvm_run *run);
 uint32_t mig_run_internal_suberror(struct kvm_run *run);
@@ -244,14 +258,6 @@ int mig_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t 
                         void *bitmap);
 int mig_pre_fault_memory(int vcpu_fd, uint64_t *gpa, uint64_t *size);
 
-struct mig_uffd_event {
-    uint8_t event;
-    uint64_t address;
-    uint64_t flags;
-    uint32_t ptid;
-    uint64_t start;
-    uint64_t end;
-};
 int mig_uffd_read_events(int fd, struct mig_uffd_event *out, int max);
 
 size_t mig_find_zero_pages(const uint8_t *base, size_t npages, size_t page_size,
@@ -266,8 +272,9 @@ void mig_bitmap_andnot(uint8_t *dst, const uint8_t *src, size_t nbytes);
 int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
                            const uint8_t *bitmap, size_t first_bit);
 """
+)
 
-SOURCE = r"""
+SOURCE_HEAD = r"""
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -305,13 +312,8 @@ struct kvm_pre_fault_memory {
 #define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
 #endif
 
-struct mig_io_exit {
-    uint8_t direction;
-    uint8_t size;
-    uint16_t port;
-    uint32_t count;
-    uint64_t data_offset;
-};
+@SHARED@
+
 
 void mig_run_io(struct kvm_run *run, struct mig_io_exit *out) {
     out->direction = run->io.direction;
@@ -435,14 +437,6 @@ int mig_pre_fault_memory(int vcpu_fd, uint64_t *gpa, uint64_t *size) {
     return r < 0 ? -e : 0;
 }
 
-struct mig_uffd_event {
-    uint8_t event;
-    uint64_t address;
-    uint64_t flags;
-    uint32_t ptid;
-    uint64_t start;
-    uint64_t end;
-};
 
 /* Reads up to max events in one read(2).  Returns the count, 0 when none is pending
  * (EAGAIN on a non-blocking fd), or -errno. */
@@ -616,6 +610,8 @@ int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
     return dropped;
 }
 """
+
+SOURCE = SOURCE_HEAD.replace("@SHARED@", SHARED)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
