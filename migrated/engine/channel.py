@@ -97,10 +97,12 @@ class Channel(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         target = self.conn.payload_target()
-        while target is None and self.conn.in_payload:
-            # Bytes already buffered completed the payload: hand out its event first.
-            if not self._drain():
-                break
+        if target is None and self.conn.in_payload:
+            # Buffered bytes may have just completed a sinked payload: hand its event out
+            # (which may start the next payload) and ask again, once.  A payload with no
+            # sink (VmState, bitmaps) is still in flight afterwards: it is assembled from
+            # the scratch buffer, so looping until it completes would never end.
+            self._drain()
             target = self.conn.payload_target()
         if target is not None:
             self._into_target = True

@@ -1,0 +1,69 @@
+"""The asyncio glue, fed the way libuv feeds a BufferedProtocol: get_buffer, then
+buffer_updated, at arbitrary read boundaries (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from migrated.engine.channel import Channel
+from migrated.protocol import MemoryLayout, MemoryRegion, Pages, Setup, VmState
+from migrated.protocol.loopback import Loopback
+
+LAYOUT = MemoryLayout((MemoryRegion(0, 64 * 4096, 4096),))
+SID = b"s" * 16
+
+
+def wire_bytes() -> tuple[Loopback, bytes, list[Any]]:
+    """A handshaken pair (checksums negotiated) and the source's frames as bytes."""
+    lb = Loopback(layout=LAYOUT)
+    lb.handshake(SID)
+    events = [
+        Setup("vm", "u", LAYOUT, 1, "postcopy"),
+        Pages(0, 2, memoryview(bytes(range(256)) * 32)),
+        VmState(memoryview(b"state" * 3000)),
+        Pages(4096 * 8, 1, memoryview(b"\x07" * 4096)),
+    ]
+    out = b"".join(bytes(b) for e in events for b in lb.source.send(e))
+    return lb, out, events
+
+
+def feed(ch: Channel, data: bytes, read_nbytes: int) -> None:
+    """Deliver ``data`` like libuv: ask for a buffer, fill up to its size, report."""
+    pos = 0
+    while pos < len(data):
+        buf = ch.get_buffer(-1)
+        n = min(len(buf), read_nbytes, len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        ch.buffer_updated(n)
+        pos += n
+
+
+@pytest.mark.timeout(20)  # the bug this guards against was an endless loop
+async def test_reads_at_every_boundary_with_sink_and_unsinked_payloads() -> None:
+    # Every read size, including ones that end a read exactly after the VmState
+    # header: that used to spin forever in get_buffer.
+    for read_nbytes in (1, 7, 64, 1000, 4096, 8191, 20000, 10**6):
+        lb, data, sent = wire_bytes()
+        conn = lb.dest
+        sinks: list[memoryview] = []
+
+        def sink(header: Any, sinks: list[memoryview] = sinks) -> memoryview | None:
+            if isinstance(header, Pages):
+                sinks.append(memoryview(bytearray(header.npages * 4096)))
+                return sinks[-1]
+            return None
+
+        conn.set_payload_sink(sink)
+        ch = Channel(conn, name="main")
+        got: list[Any] = []
+        ch.deliver_to(lambda _c, e: got.append(e))
+        feed(ch, data, read_nbytes)
+        assert not ch.closed.done(), ch.closed.exception()
+        assert [type(e) for e in got] == [type(e) for e in sent]
+        assert bytes(got[1].data) == bytes(sent[1].data)
+        assert bytes(got[2].data) == bytes(sent[2].data)
+        assert bytes(got[3].data) == bytes(sent[3].data)
+    await asyncio.sleep(0)
