@@ -59,7 +59,7 @@ async def test_reads_at_every_boundary_with_sink_and_unsinked_payloads() -> None
         conn.set_payload_sink(sink)
         ch = Channel(conn, name="main")
         got: list[Any] = []
-        ch.deliver_to(lambda _c, e: got.append(e))
+        ch.deliver_to(lambda _c, e, got=got: got.append(e))
         feed(ch, data, read_nbytes)
         assert not ch.closed.done(), ch.closed.exception()
         assert [type(e) for e in got] == [type(e) for e in sent]
