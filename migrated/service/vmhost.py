@@ -58,7 +58,7 @@ class VmHost:
 
     def __init__(self, control_path: str | None, *, printer: Emit | None = None) -> None:
         self.control_path = control_path
-        self.machine: Machine | None = None
+        self._machine: Machine | None = None
         self.source: SourceEngine | None = None
         self.destination: DestinationEngine | None = None
         self.last_migration: dict[str, Any] | None = None
@@ -67,6 +67,19 @@ class VmHost:
         self._print: Emit = printer or (lambda e: None)
         self._done = asyncio.Event()
         self._control: ControlServer | None = None
+
+    @property
+    def machine(self) -> Machine | None:
+        """The VM this process hosts.  While a migration comes in, that is the
+        destination engine's machine from the moment the guest runs here (postcopy),
+        long before the engine returns."""
+        if self._machine is None and self.destination is not None:
+            return self.destination.machine
+        return self._machine
+
+    @machine.setter
+    def machine(self, value: Machine | None) -> None:
+        self._machine = value
 
     # -- lifecycle ---------------------------------------------------------------------
 
