@@ -107,29 +107,21 @@ def test_postcopy_2gib_2vcpus(pair: Pair) -> None:
     assert dst["ram_bytes"] == 2048 << 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --checksum fails every precopy round of a guest that writes: the source "
-    "checksums live guest RAM, then queues a zero-copy view of it; the guest changes the "
-    "page before the bytes leave, the destination sees an xxh3 mismatch and drops MAIN",
-)
 def test_hybrid_with_checksum_while_guest_writes(pair: Pair) -> None:
+    """Regression: the source used to checksum live guest RAM and queue a zero-copy view
+    of it, so a page the guest changed before it left failed the xxh3 check."""
     guest = Guest(memory_mib=256, vcpus=2, hot_set_mib=64, writes_per_s=20000)
     pair.start(guest)
     src, _dst = migrated_ok(pair, "hybrid", guest, "--checksum")
     assert src["precopy_rounds"] >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `send --precopy-bandwidth/--postcopy-bandwidth` are parsed but never sent "
-    "to the VM process (cli.cmd_send params, vmhost.send_options): no cap is applied",
-)
 @pytest.mark.parametrize("mode,flag,phase", [
     ("precopy", "--precopy-bandwidth", "precopy"),
     ("postcopy", "--postcopy-bandwidth", "postcopy"),
 ])  # fmt: skip
 def test_bandwidth_caps_are_applied(pair: Pair, mode: str, flag: str, phase: str) -> None:
+    """Regression: the flags used to be parsed and never forwarded to the VM process."""
     guest = Guest(memory_mib=128, vcpus=1)
     pair.start(guest)
     r = pair.send(mode, flag, "50")
