@@ -65,25 +65,3 @@ def netpair(workdir: Path, netns: Netns) -> Iterator[Pair]:
         yield p
     finally:
         p.close()  # before the namespaces go (fixture order)
-
-
-# tests/conftest.py fails a MIGRATED_REQUIRE_KVM=1 session when a kvm/uffd test is
-# "skipped", and pytest reports an xfailed test as skipped (report.skipped with
-# ``wasxfail``).  The strict xfails here document bugs; they ran on KVM.  Until that
-# rule tells them apart, take ours off its list before it judges.
-_XFAILED: set[str] = set()
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and hasattr(report, "wasxfail"):
-        _XFAILED.add(report.nodeid)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    import sys
-
-    root = sys.modules.get("tests.conftest")
-    skipped = getattr(root, "_skipped_required", None)
-    if isinstance(skipped, list):
-        skipped[:] = [n for n in skipped if n not in _XFAILED]
