@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from migrated.protocol import NEED_DATA, ConnectionClosed
+from migrated.errors import ProtocolError
+from migrated.protocol import NEED_DATA, ConnectionClosed, Error
 from migrated.protocol.connection import Connection
 
 __all__ = ["Channel", "ChannelClosedError", "connect", "tune_socket"]
@@ -197,6 +198,15 @@ class Channel(asyncio.BufferedProtocol):
             self.transport.close()
 
     def _fail(self, exc: BaseException) -> None:
+        """Close on a failure; a protocol violation is named to the peer first (an
+        Error frame, flushed by close()) so both logs say the same thing."""
+        if (
+            isinstance(exc, ProtocolError)
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            with contextlib.suppress(Exception):
+                self.transport.writelines(self.conn.send(Error(exc.code, str(exc)[:4000])))
         self._finish(exc)
 
     async def next_event(self, timeout_s: float | None = None) -> Any:

@@ -285,8 +285,7 @@ class DestinationEngine:
     def _on_channel_closed(self, ch: Channel, fut: asyncio.Future[None]) -> None:
         self._channels.discard(ch)
         self._staging.pop(ch, None)
-        if not fut.cancelled():
-            fut.exception()  # retrieved here; the session state says what it means
+        exc = None if fut.cancelled() else fut.exception()
         if ch not in (self._main, self._urgent):
             return
         state = self.session.state
@@ -295,10 +294,16 @@ class DestinationEngine:
         if state is MigrationState.POSTCOPY_RECOVER and ch is not self._main:
             return
         self.session.link_lost()
-        self.emit({"event": "link-lost", "channel": ch.name})
+        cause = str(exc) if exc is not None else "closed"
+        self.emit({"event": "link-lost", "channel": ch.name, "reason": cause})
         self._state_event()
         if not self.session.point_of_no_return:
-            self._fail(MigrationAborted("the source went away before the guest ran here"))
+            self._fail(
+                MigrationAborted(
+                    f"the {ch.name} connection to the source failed before the guest ran here: "
+                    f"{cause}"
+                )
+            )
 
     # -- message handlers --------------------------------------------------------------
 

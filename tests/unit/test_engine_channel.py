@@ -67,3 +67,43 @@ async def test_reads_at_every_boundary_with_sink_and_unsinked_payloads() -> None
         assert bytes(got[2].data) == bytes(sent[2].data)
         assert bytes(got[3].data) == bytes(sent[3].data)
     await asyncio.sleep(0)
+
+
+class RecordingTransport:
+    """Just enough of asyncio.Transport to see what a Channel writes and closes."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def writelines(self, bufs: list[Any]) -> None:
+        self.written.extend(bytes(b) for b in bufs)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_protocol_violation_is_named_to_the_peer() -> None:
+    from migrated.errors import RemoteProtocolError
+    from migrated.protocol import Error
+
+    lb, _, _ = wire_bytes()
+    ch = Channel(lb.dest, name="main")
+    transport = RecordingTransport()
+    ch.transport = transport  # type: ignore[assignment]
+    ch.deliver_to(lambda _c, e: None)
+    feed(ch, b"\xc1" * 64, 64)  # 0xc1 is never valid msgpack
+    assert isinstance(ch.closed.exception(), RemoteProtocolError)
+    assert transport.closed
+    lb.source.receive_data(b"".join(transport.written))
+    err = lb.source.next_event()
+    assert isinstance(err, Error) and err.code == "bad-frame"
