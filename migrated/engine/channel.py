@@ -27,7 +27,7 @@ from migrated.protocol.connection import Connection
 __all__ = ["Channel", "ChannelClosedError", "connect", "tune_socket"]
 
 _SCRATCH_NBYTES = 256 * 1024
-_MAX_READ_NBYTES = 256 * 1024
+_MAX_READ_NBYTES = 1024 * 1024
 _SOCKET_BUFFER_NBYTES = 8 * 1024 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _WRITE_LOW_WATER = 2 * 1024 * 1024
