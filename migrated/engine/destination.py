@@ -60,6 +60,7 @@ from migrated.protocol.state import MigrationState, SessionState
 from migrated.vmm.machine import Machine
 from migrated.vmm.state import VmState as MachineState
 
+from .bulk import BulkReceiver, detach_socket
 from .channel import Channel
 from .installer import PageInstaller
 from .prefault import PreFaulter
@@ -116,6 +117,7 @@ class DestinationEngine:
         self.installed = 0
         self.uffd: Userfaultfd | None = None
         self.installer: PageInstaller | None = None
+        self._bulk: BulkReceiver | None = None
         self._bulk_buf: dict[Channel, memoryview] = {}
         self.prefaulter: PreFaulter | None = None
         self._session_id: bytes | None = None
@@ -248,6 +250,11 @@ class DestinationEngine:
             for old in (self._main, self._urgent):
                 if old is not None:
                     old.abort()
+        if hello.role is ChannelRole.BULK and (self.installer is None or self.ram is None):
+            self._refuse(
+                ch, ErrorCode.UNEXPECTED, "a BULK connection is accepted once the guest runs here"
+            )
+            return
         self.session.handle(hello, "received", channel=hello.role)
         welcome = negotiate(hello, _LOCAL_FEATURES)
         self.session.handle(welcome, "sent", channel=hello.role)
@@ -276,6 +283,40 @@ class DestinationEngine:
             if hello.role is ChannelRole.URGENT:
                 self._urgent = ch
                 self._reissue_requests()
+            elif hello.role is ChannelRole.BULK:
+                self._start_bulk(ch)
+
+    def _start_bulk(self, ch: Channel) -> None:
+        """Hand a BULK connection to its receiver thread (see engine.bulk)."""
+        assert self.installer is not None and self.ram is not None and ch.transport
+        if self._bulk is not None:
+            self._bulk.stop()  # a new push replaces an old one (after recovery)
+            self._merge_bulk_stats()
+        fd = detach_socket(ch.transport)
+        ch.hold_reading("detached")
+        ch.transport.close()
+        self._bulk = BulkReceiver(
+            fd,
+            ch.conn,
+            self.installer,
+            self.ram,
+            self.opts.max_frame_nbytes,
+            self._after_install,
+            self._bulk_closed,
+        )
+        self._bulk.start()
+
+    def _bulk_closed(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.session.state.terminal:
+            self.emit({"event": "bulk-closed", "reason": str(exc)})
+
+    def _merge_bulk_stats(self) -> None:
+        b = self._bulk
+        if b is not None:
+            self.stats.postcopy_bytes += b.normal_pages * PAGE_SIZE
+            self.stats.normal_pages += b.normal_pages
+            self.stats.zero_pages += b.zero_pages
+            b.normal_pages = b.zero_pages = 0
 
     def _refuse(self, ch: Channel, code: str, message: str) -> None:
         with contextlib.suppress(Exception):
@@ -426,11 +467,10 @@ class DestinationEngine:
                 self.prefaulter.submit(self.ram.gpa_of_page(i), n * PAGE_SIZE)
         self._maybe_complete()
 
-    def _bulk_done(self, buf: memoryview, runs: list[tuple[int, int]]) -> None:
+    def _bulk_done(self, runs: list[tuple[int, int]]) -> None:
         installer = self.installer
         if installer is None:
             return
-        installer.give_back(buf)
         if self._main is not None:
             self._main.release_reading("staging")
         if installer.failure is not None:
@@ -629,6 +669,11 @@ class DestinationEngine:
 
     def _on_complete_ack(self, ch: Channel, a: CompleteAck) -> None:
         assert self.ram is not None
+        if self._bulk is not None:
+            self._bulk.stop()
+            self._bulk.join()
+            self._merge_bulk_stats()
+            self._bulk = None
         if self.installer is not None:
             self.installer.close()
             self.stats.install_s = self.installer.install_s
@@ -663,6 +708,9 @@ class DestinationEngine:
 
     def _teardown_failed(self) -> None:
         """Release everything of a migration that failed before the guest ran here."""
+        if self._bulk is not None:
+            self._bulk.stop()
+            self._bulk = None
         if self.installer is not None:
             self.installer.close()
             self.installer = None
@@ -710,7 +758,8 @@ class DestinationEngine:
                     "side": "destination",
                     "status": self.session.state.value,
                     "elapsed_s": round(time.monotonic() - self._t0, 3),
-                    "transferred_bytes": self.stats.transferred_bytes,
+                    "transferred_bytes": self.stats.transferred_bytes
+                    + (self._bulk.normal_pages * PAGE_SIZE if self._bulk else 0),
                     "pages_installed": self.installed,
                     "total_pages": self.ram.total_pages,
                     "faults": self.stats.postcopy_requests,

@@ -34,8 +34,10 @@ from .ram import PAGE_SIZE, GuestRam, staging_buffer
 __all__ = ["PageInstaller"]
 
 Runs = list[tuple[int, int]]
-#: called on the event loop after a bulk frame was installed: (staging buffer, new runs)
-BulkDone = Callable[[memoryview, Runs], None]
+# (first page, npages, payload, staging buffer to give back)
+_Item = tuple[int, int, memoryview, memoryview]
+#: called on the event loop after a bulk frame was installed, with the new runs
+BulkDone = Callable[[Runs], None]
 
 
 class PageInstaller:
@@ -58,8 +60,8 @@ class PageInstaller:
         self._on_bulk_done = on_bulk_done
         self._loop = asyncio.get_running_loop()
         self._free = [staging_buffer(buffer_nbytes) for _ in range(nbuffers)]
-        self._queue: queue.SimpleQueue[tuple[int, int, memoryview | None, memoryview] | None]
-        self._queue = queue.SimpleQueue()
+        self._free_lock = threading.Lock()  # the worker gives buffers back
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="migrated-installer", daemon=True)
         self._thread.start()
@@ -67,11 +69,14 @@ class PageInstaller:
     # -- the loop's side ---------------------------------------------------------------
 
     def take_buffer(self) -> memoryview | None:
-        """A free staging buffer, or None when every one is in flight."""
-        return self._free.pop() if self._free else None
+        """A free staging buffer, or None when every one is in flight (the loop then
+        pauses reading)."""
+        with self._free_lock:
+            return self._free.pop() if self._free else None
 
-    def give_back(self, buf: memoryview) -> None:
-        self._free.append(buf)
+    def _give_back(self, buf: memoryview) -> None:
+        with self._free_lock:
+            self._free.append(buf)
 
     @property
     def failure(self) -> BaseException | None:
@@ -82,7 +87,7 @@ class PageInstaller:
     def buffers_free(self) -> int:
         return len(self._free)
 
-    def submit(self, page: int, npages: int, data: memoryview | None, buf: memoryview) -> None:
+    def submit(self, page: int, npages: int, data: memoryview, buf: memoryview) -> None:
         """Queue a bulk frame (``data`` None: zero pages) held in staging ``buf``.
         Raises the worker's failure, if it had one."""
         if self._failure is not None:
@@ -153,7 +158,8 @@ class PageInstaller:
             except BaseException as exc:  # reported to the loop via submit()
                 self._failure = exc
                 new = []
+            self._give_back(buf)
             try:
-                self._loop.call_soon_threadsafe(self._on_bulk_done, buf, new)
+                self._loop.call_soon_threadsafe(self._on_bulk_done, new)
             except RuntimeError:
                 return  # the loop is closed: the process is going away

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from migrated.protocol.connection import Connection
 from migrated.protocol.state import MigrationState, SessionState
 from migrated.vmm.machine import Runstate
 
+from .bulk import BulkPusher
 from .channel import Channel, ChannelClosedError, connect
 from .ram import PAGE_SIZE, GuestRam
 from .stats import MigrationStats, StepTimer
@@ -95,6 +97,8 @@ class SendOptions:
     connect_timeout_s: float = 10.0
     running_timeout_s: float = 60.0
     recovery_timeout_s: float = 300.0
+    #: push postcopy pages on a BULK connection from a thread (MAIN if refused)
+    bulk_channel: bool = True
     progress_interval_s: float = 0.25
     #: a MAIN channel silent this long is declared dead (both sides send heartbeats)
     heartbeat_timeout_s: float = 5.0
@@ -162,6 +166,9 @@ class SourceEngine:
         self._t0 = time.monotonic()
         self._pace_t0 = self._t0
         self._guest_runs = True  # until the switchover pauses it
+        self._sent_lock = threading.Lock()
+        self._pusher: BulkPusher | None = None
+        self._bulk_refused = False
         self._pace_bytes = 0
 
     # -- control from other tasks ------------------------------------------------------
@@ -353,9 +360,12 @@ class SourceEngine:
                     ch.send(Pages(gpa, m, self.ram.view(q, m), req.request_id))
                     self.stats.postcopy_bytes += m * PAGE_SIZE
                 self.stats.urgent_pages_sent += m
-        self.sent.set(first, req.npages)
+        with self._sent_lock:  # the push thread reads and sets it too
+            self.sent.set(first, req.npages)
         # Locality: the guest will likely touch what follows next.
         self._jump_to = first + req.npages
+        if self._pusher is not None:
+            self._pusher.jump(first + req.npages)
 
     # -- sending pages ------------------------------------------------------------------
 
@@ -602,7 +612,7 @@ class SourceEngine:
                 await self._push_all()
                 await self._wait_complete()
                 return
-            except (ChannelClosedError, ConnectionError, ProtocolError, TimeoutError) as exc:
+            except (ChannelClosedError, OSError, ProtocolError, TimeoutError) as exc:
                 if self.session.state is MigrationState.COMPLETED:
                     return
                 if self.session.state is MigrationState.POSTCOPY_ACTIVE:
@@ -616,8 +626,66 @@ class SourceEngine:
                     ) from exc
 
     async def _push_all(self) -> None:
-        """Background push of every page not yet sent, in bitmap order from a cursor
-        that jumps after each urgent request (locality)."""
+        """Background push of every page not yet sent: on a BULK connection from a
+        thread (see engine.bulk), or on MAIN from the loop when BULK is refused."""
+        if self.opts.bulk_channel and not self._bulk_refused:
+            await self._push_on_bulk()
+        else:
+            await self._push_on_main()
+        if self.session.state is MigrationState.POSTCOPY_ACTIVE:
+            self._send_main(AllSent())
+        self.emit({"event": "all-sent"})
+
+    async def _push_on_bulk(self) -> None:
+        assert self._main is not None and self._failure is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def finished(exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(exc)
+
+        hello = self._hello(ChannelRole.BULK)
+        self.session.handle(hello, "sent", channel=ChannelRole.BULK)
+        pusher = BulkPusher(
+            ram=self.ram,
+            sent=self.sent,
+            lock=self._sent_lock,
+            hello=hello,
+            host=self.host,
+            port=self.port,
+            frame_pages=self.opts.frame_pages,
+            bandwidth_bytes_per_s=self.opts.postcopy_bandwidth,
+            connect_timeout_s=self.opts.connect_timeout_s,
+            on_done=finished,
+        )
+        self._pusher = pusher
+        pusher.start()
+        waiters: list[asyncio.Future[Any]] = [done, self._failure, self._main.closed]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not done.done():
+                pusher.stop()
+            self._pusher = None
+            self.stats.postcopy_bytes += pusher.bytes_sent
+            self.stats.normal_pages += pusher.normal_pages
+            self.stats.zero_pages += pusher.zero_pages
+        if not done.done():
+            if self._failure.done():
+                self._failure.result()  # raises the destination's error
+            exc = self._main.closed.exception() if self._main.closed.done() else None
+            raise exc or ChannelClosedError("main channel closed during the push")
+        failure = done.result()
+        if isinstance(failure, ProtocolError) and pusher.bytes_sent == 0:
+            # An older destination without BULK support: push on MAIN instead.
+            self._bulk_refused = True
+            self.emit({"event": "bulk-refused", "reason": str(failure)})
+            await self._push_on_main()
+        elif failure is not None:
+            raise failure
+
+    async def _push_on_main(self) -> None:
         assert self._main is not None
         main = self._main
         wrapped = False
@@ -633,7 +701,8 @@ class SourceEngine:
                 continue
             sent = self._send_run(page, n)
             self.stats.postcopy_bytes += sent
-            self.sent.set(page, n)
+            with self._sent_lock:
+                self.sent.set(page, n)
             await self._pace(sent, self.opts.postcopy_bandwidth)
             self._push_cursor = page + n
             if self._failure is not None and self._failure.done():
@@ -642,9 +711,6 @@ class SourceEngine:
                 await main.drain()
             else:
                 await asyncio.sleep(0)  # let urgent requests in
-        if self.session.state is MigrationState.POSTCOPY_ACTIVE:
-            self._send_main(AllSent())
-        self.emit({"event": "all-sent"})
 
     async def _wait_complete(self) -> None:
         assert self._complete and self._failure and self._main and self._urgent
@@ -747,7 +813,8 @@ class SourceEngine:
         while True:
             await asyncio.sleep(self.opts.progress_interval_s)
             now = time.monotonic()
-            moved = self.stats.transferred_bytes
+            pusher = self._pusher
+            moved = self.stats.transferred_bytes + (pusher.bytes_sent if pusher else 0)
             remaining = self.ram.total_pages - self.sent.count()
             self.emit(
                 {
