@@ -126,6 +126,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         "max_precopy_rounds": args.max_precopy_rounds,
         "checksum": args.checksum,
         "recovery_timeout_s": args.recovery_timeout,
+        "bulk_channel": False if args.no_bulk_channel else None,
         "precopy_bandwidth": _mbps(args.precopy_bandwidth),
         "postcopy_bandwidth": _mbps(args.postcopy_bandwidth),
     }
@@ -260,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="MB/S",
         help="cap the postcopy background push (urgent pages are never capped)",
+    )
+    s.add_argument(
+        "--no-bulk-channel",
+        action="store_true",
+        help="push postcopy pages on the main connection (for peers without BULK)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_send)

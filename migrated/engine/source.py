@@ -629,8 +629,10 @@ class SourceEngine:
         """Background push of every page not yet sent: on a BULK connection from a
         thread (see engine.bulk), or on MAIN from the loop when BULK is refused."""
         if self.opts.bulk_channel and not self._bulk_refused:
+            self.stats.push_channel = "bulk"
             await self._push_on_bulk()
         else:
+            self.stats.push_channel = "main"
             await self._push_on_main()
         if self.session.state is MigrationState.POSTCOPY_ACTIVE:
             self._send_main(AllSent())
@@ -680,6 +682,7 @@ class SourceEngine:
         if isinstance(failure, ProtocolError) and pusher.bytes_sent == 0:
             # An older destination without BULK support: push on MAIN instead.
             self._bulk_refused = True
+            self.stats.push_channel = "main"
             self.emit({"event": "bulk-refused", "reason": str(failure)})
             await self._push_on_main()
         elif failure is not None:

@@ -114,6 +114,8 @@ class MigrationStats:
     blocktime_s_per_vcpu: dict[int, float] = field(default_factory=dict)
     prefault: dict[str, Any] = field(default_factory=dict)
     recoveries: int = 0
+    #: source: which connection carried the postcopy push ("bulk" or "main")
+    push_channel: str = ""
     #: destination: seconds inside UFFDIO_COPY/UFFDIO_ZEROPAGE (all install calls)
     install_s: float = 0.0
     #: where the downtime went, step -> milliseconds (each side measures its own steps)

@@ -325,6 +325,7 @@ def send_options(req: dict[str, Any]) -> SendOptions:
         ("recovery_timeout_s", float),
         ("precopy_time_limit_s", float),
         ("checksum", bool),
+        ("bulk_channel", bool),
         ("frame_pages", int),
         ("precopy_bandwidth", int),
         ("postcopy_bandwidth", int),

@@ -52,11 +52,21 @@ def test_postcopy_1vcpu_256mib(pair: Pair) -> None:
     pair.start(guest)
     src, dst = migrated_ok(pair, "postcopy", guest, "--checksum")
     assert src["precopy_rounds"] == 0
+    assert src["push_channel"] == "bulk"
     # The guest ran on the destination before its memory was there: real faults,
     # served over the network.
     assert dst["postcopy_requests"] > 0, dst
     assert dst["fault_latency"]["count"] > 0
     assert src["postcopy_bytes"] > 0
+
+
+def test_postcopy_push_on_main_without_bulk_channel(pair: Pair) -> None:
+    """The push path for destinations that refuse a BULK connection."""
+    guest = Guest(memory_mib=256, vcpus=1)
+    pair.start(guest)
+    src, dst = migrated_ok(pair, "postcopy", guest, "--no-bulk-channel")
+    assert src["push_channel"] == "main"
+    assert dst["postcopy_bytes"] > 0
 
 
 def test_hybrid_2vcpus_512mib_writing(pair: Pair) -> None:
