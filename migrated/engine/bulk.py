@@ -19,14 +19,15 @@ Facts we rely on:
 * The destination accepts BULK on its asyncio server, then detaches it: a dup of the
   socket goes to the thread and the transport is closed (the dup keeps TCP up).  The
   socket stays non-blocking underneath (flags are shared between dups); the thread
-  uses Python's timeout mode, which polls.
+  uses Python's timeout mode, which polls.  The thread starts only after the channel
+  stopped touching the connection (``Channel.detach``): one stream decoded by two
+  owners once installed a page from a staging buffer that was being refilled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -305,8 +306,3 @@ class BulkReceiver:
                     raise RemoteProtocolError(f"unexpected {type(ev).__name__} on BULK")
             if n == 0:
                 return
-
-
-def detach_socket(transport: Any) -> int:
-    """A dup of an asyncio transport's socket, for a thread to own."""
-    return os.dup(transport.get_extra_info("socket").fileno())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class Channel(asyncio.BufferedProtocol):
         #: With this set, reading pauses after each read and resumes next iteration.
         self.one_read_per_iteration = one_read_per_iteration
         self._holds: set[str] = set()
+        self._detached = False
         self.on_event: OnEvent | None = None
         self.transport: asyncio.Transport | None = None
         self.bytes_received = 0
@@ -113,6 +115,8 @@ class Channel(asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._detached:
+            return  # cannot happen after pause_reading + close; never feed a lent conn
         self.bytes_received += nbytes
         self.last_rx = time.monotonic()
         if self.one_read_per_iteration and "yield" not in self._holds:
@@ -169,8 +173,9 @@ class Channel(asyncio.BufferedProtocol):
     # -- events ----------------------------------------------------------------------
 
     def _drain(self) -> bool:
-        """Hand out every complete event.  Returns False once the channel failed."""
-        while not self.closed.done():
+        """Hand out every complete event.  Returns False once the channel failed or
+        was detached."""
+        while not self.closed.done() and not self._detached:
             try:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
@@ -257,6 +262,23 @@ class Channel(asyncio.BufferedProtocol):
         if self.closed.done():
             exc = self.closed.exception()
             raise exc if exc is not None else ChannelClosedError(f"{self.name} channel closed")
+
+    def detach(self) -> int:
+        """Give the connection to another owner (a thread): returns a dup of the
+        socket's fd.  From here on this channel never touches ``conn`` again; it stops
+        reading and closes its transport (the dup keeps TCP up).
+
+        Called from an ``on_event`` callback, the drain loop that called it stops
+        before asking ``conn`` for another event: two owners decoding one stream
+        would hand a frame to the wrong one (seen: a page installed from a staging
+        buffer the new owner was already refilling)."""
+        assert self.transport is not None
+        self._detached = True
+        self.on_event = None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        self.hold_reading("detached")
+        self.transport.close()
+        return fd
 
     def close(self) -> None:
         if self.transport is not None:

@@ -60,7 +60,7 @@ from migrated.protocol.state import MigrationState, SessionState
 from migrated.vmm.machine import Machine
 from migrated.vmm.state import VmState as MachineState
 
-from .bulk import BulkReceiver, detach_socket
+from .bulk import BulkReceiver
 from .channel import Channel
 from .installer import PageInstaller
 from .prefault import PreFaulter
@@ -292,9 +292,7 @@ class DestinationEngine:
         if self._bulk is not None:
             self._bulk.stop()  # a new push replaces an old one (after recovery)
             self._merge_bulk_stats()
-        fd = detach_socket(ch.transport)
-        ch.hold_reading("detached")
-        ch.transport.close()
+        fd = ch.detach()
         self._bulk = BulkReceiver(
             fd,
             ch.conn,
@@ -304,7 +302,8 @@ class DestinationEngine:
             self._after_install,
             self._bulk_closed,
         )
-        self._bulk.start()
+        # Start once the callback we are in has unwound (the channel's drain loop).
+        asyncio.get_running_loop().call_soon(self._bulk.start)
 
     def _bulk_closed(self, exc: BaseException | None) -> None:
         if exc is not None and not self.session.state.terminal:

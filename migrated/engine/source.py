@@ -444,8 +444,14 @@ class SourceEngine:
         for r, rr in zip(self.machine.regions, self.ram.regions, strict=True):
             log = self.machine.vm.get_dirty_log(r.slot)
             region_bm = PageBitmap.from_bytes(rr.npages, log)
-            for p, n in region_bm.runs(True):
-                dirty.set(rr.first_page + p, n)
+            if rr.first_page % 8 == 0:
+                # Byte-aligned (always, with 4 KiB pages and 2 MiB-aligned regions): one
+                # copy.  Per-run Python cost 10 ms of downtime for ~2000 scattered pages.
+                start = rr.first_page // 8
+                dirty.data[start : start + len(region_bm.data)] = region_bm.data
+            else:
+                for p, n in region_bm.runs(True):
+                    dirty.set(rr.first_page + p, n)
         return dirty
 
     async def _precopy(self) -> None:
@@ -506,7 +512,9 @@ class SourceEngine:
             stale = getattr(self, "_pending_dirty", None) or PageBitmap(self.ram.total_pages)
             if self.opts.mode is not Mode.POSTCOPY:
                 stale.or_count_new(self._fetch_dirty())
-                self._disable_dirty_log()
+                # Logging stays on: switching it off updates the memslot (milliseconds
+                # of downtime), and the paused VM is destroyed on success anyway.  An
+                # abort switches it off before resuming the VM.
             mark("final-dirty-sync")
             self._send_main(Switchover())
             self._state_event()

@@ -107,3 +107,35 @@ async def test_a_protocol_violation_is_named_to_the_peer() -> None:
     lb.source.receive_data(b"".join(transport.written))
     err = lb.source.next_event()
     assert isinstance(err, Error) and err.code == "bad-frame"
+
+
+async def test_detach_inside_a_callback_leaves_the_rest_to_the_new_owner() -> None:
+    import socket
+
+    lb, data, sent = wire_bytes()
+    a, b = socket.socketpair()
+    transport = RecordingTransport()
+    transport.get_extra_info = lambda name: a  # type: ignore[attr-defined]
+    ch = Channel(lb.dest, name="bulk")
+    ch.transport = transport  # type: ignore[assignment]
+    got: list[Any] = []
+    fds: list[int] = []
+
+    def first_then_detach(_c: Channel, e: Any) -> None:
+        got.append(e)
+        fds.append(ch.detach())
+
+    ch.deliver_to(first_then_detach)
+    feed_once = ch.get_buffer(-1)
+    n = min(len(feed_once), len(data))
+    feed_once[:n] = data[:n]
+    ch.buffer_updated(n)  # every frame is buffered; the callback detaches on the first
+    assert [type(e) for e in got] == [type(sent[0])]
+    assert transport.closed
+    # The channel stopped decoding: the next frame is still there for the new owner.
+    assert type(lb.dest.next_event()) is type(sent[1])
+    import os
+
+    os.close(fds[0])
+    a.close()
+    b.close()
