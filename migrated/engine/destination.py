@@ -549,6 +549,11 @@ class DestinationEngine:
         self._t_running = time.monotonic()
         self.stats.downtime_s = self._t_running - self._t_switch  # destination's share
         self._state_event()
+        if self.opts.prefault and self.machine is not None:
+            # Out of the downtime: a spare vCPU for KVM_PRE_FAULT_MEMORY, probed once on
+            # a page that is installed (see engine.prefault).
+            self.prefaulter = PreFaulter(self.machine, self.emit)
+            self.prefaulter.probe(self._first_received_gpa())
         self._maybe_complete()
 
     def _start_guest(self, state: MachineState) -> None:
@@ -581,10 +586,6 @@ class DestinationEngine:
         self.machine = machine
         mark("create-vm")
         self._memories = []  # the machine holds the memory now
-        if self.opts.prefault:
-            self.prefaulter = PreFaulter(machine, self.emit)
-            self.prefaulter.probe(self._first_received_gpa())
-            mark("prefault-probe")
         machine.start()
         mark("start-vcpus")
         self._tid_to_vcpu = machine.vcpu_thread_ids()
