@@ -524,6 +524,13 @@ class DestinationEngine:
     def _on_round_end(self, ch: Channel, r: PrecopyRoundEnd) -> None:
         self.stats.precopy_rounds = r.round
         self.stats.dirty_pages_per_round.append(r.dirty_pages)
+        # Tell the source how far we are: it waits for this before pausing the VM, so
+        # no precopy backlog of ours ends up inside the downtime.
+        assert self.ram is not None
+        ack = Progress(self.stats.precopy_bytes, self.ram.total_pages - self.installed)
+        with contextlib.suppress(ConnectionError, ProtocolError):
+            self.session.handle(ack, "sent")
+            ch.send(ack)
         self.emit({"event": "precopy-round", "round": r.round, "dirty_pages": r.dirty_pages})
 
     def _on_switchover(self, ch: Channel, s: Switchover) -> None:

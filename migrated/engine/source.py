@@ -167,6 +167,7 @@ class SourceEngine:
         self._pace_t0 = self._t0
         self._guest_runs = True  # until the switchover pauses it
         self._sent_lock = threading.Lock()
+        self._dest_received_bytes = 0
         self._pusher: BulkPusher | None = None
         self._bulk_refused = False
         self._pace_bytes = 0
@@ -329,7 +330,10 @@ class SourceEngine:
     def _on_event(self, ch: Channel, event: Any) -> None:
         channel = ChannelRole[ch.name.upper()]
         if isinstance(event, Progress):
-            return  # heartbeat
+            # Heartbeat; in precopy also the destination's count of payload bytes
+            # received (it answers every PrecopyRoundEnd with one).
+            self._dest_received_bytes = event.bytes_sent
+            return
         self.session.handle(event, "received", channel=channel)
         assert self._running and self._complete and self._failure
         if isinstance(event, PageRequest):
@@ -499,7 +503,24 @@ class SourceEngine:
 
     # -- switchover -----------------------------------------------------------------------
 
+    async def _settle_main(self, timeout_s: float = 2.0) -> None:
+        """Wait (bounded) until the destination has processed every precopy byte, as
+        its answer to our last PrecopyRoundEnd says.  Whatever it still has to chew
+        through at the pause lands inside the downtime: measured, 24 ms of a 31 ms
+        hybrid downtime went to ~2000 single-page frames of the last round waiting in
+        its receive buffer.  The VM still runs meanwhile."""
+        if self._main is None:
+            return
+        target = self.stats.precopy_bytes
+        deadline = time.monotonic() + timeout_s
+        while self._dest_received_bytes < target and time.monotonic() < deadline:
+            if self._main.closed.done():
+                return
+            await asyncio.sleep(0.0005)
+
     async def _switchover(self) -> None:
+        if self.opts.mode is not Mode.POSTCOPY:
+            await self._settle_main()
         self._phase = "switchover"
         t_pause = time.monotonic()
         self._downtime_t0 = t_pause
