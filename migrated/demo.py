@@ -36,7 +36,8 @@ builtin = "{guest}"
 hot_set_mib = {hot_set_mib}
 writes_per_s = {writes_per_s}
 fill_percent = {fill_percent}
-"""
+seed = {seed}
+{extra}"""
 
 
 def _migrated(*args: str) -> list[str]:
@@ -78,6 +79,8 @@ class LocalPair:
                 hot_set_mib=self.hot_set_mib,
                 writes_per_s=self.writes_per_s,
                 fill_percent=self.fill_percent,
+                seed=1,
+                extra="",
             )
         )
         log = open(self.workdir / "source.log", "wb")  # noqa: SIM115 - owned by the process

@@ -236,15 +236,23 @@ class Connection:
         )
 
     def _after_send(self, event: Any, t: type) -> None:
-        if t is ev.Pages or t is ev.ZeroPages:
-            return
+        if t is not ev.Pages and t is not ev.ZeroPages:
+            self._after(event, t, sent=True)
+
+    def _after(self, event: Any, t: type, *, sent: bool) -> None:
+        """Connection bookkeeping after an event was sent or received."""
         if t is ev.Hello:
+            if not sent and self.channel is None:
+                self._adopt_channel(event.role)
             self.hello = event
             self.phase = Phase.HANDSHAKE
         elif t is ev.Welcome:
             self._open(event)
         elif t is ev.Error:
-            self.error_sent = True
+            if sent:
+                self.error_sent = True
+            else:
+                self.error_received = True
             if self.phase is not Phase.OPEN:
                 self.phase = Phase.CLOSED
         elif t is ev.Setup:
@@ -533,24 +541,8 @@ class Connection:
         )
 
     def _after_receive(self, event: Any, t: type) -> None:
-        if t is ev.ZeroPages:
-            return
-        if t is ev.Hello:
-            if self.channel is None:
-                self._adopt_channel(event.role)
-            self.hello = event
-            self.phase = Phase.HANDSHAKE
-        elif t is ev.Welcome:
-            self._open(event)
-        elif t is ev.Error:
-            self.error_received = True
-            if self.phase is not Phase.OPEN:
-                self.phase = Phase.CLOSED
-        elif t is ev.Setup:
-            self.layout = event.layout
-        elif t is ev.ReceivedBitmap:
-            self._bitmap_due = False
-        self._update_fast()
+        if t is not ev.ZeroPages:
+            self._after(event, t, sent=False)
 
     # --- payloads --------------------------------------------------------------------
 

@@ -30,21 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migrated.demo import CONFIG
 from migrated.service.control import request
-
-CONFIG = """\
-name = "{name}"
-memory_mib = {memory_mib}
-vcpus = {vcpus}
-console = "none"
-
-[guest]
-builtin = "memstress"
-hot_set_mib = {hot_set_mib}
-writes_per_s = {writes_per_s}
-fill_percent = {fill_percent}
-seed = {seed}
-{extra}"""
 
 MIGRATED = [sys.executable, "-m", "migrated"]
 
@@ -218,7 +205,7 @@ class Guest:
     extra: str = ""  # more TOML lines (e.g. a bad key)
 
     def toml(self, name: str) -> str:
-        return CONFIG.format(name=name, **self.__dict__)
+        return CONFIG.format(name=name, guest="memstress", **self.__dict__)
 
 
 class Pair:
