@@ -232,3 +232,27 @@ def test_destination_status_shows_vm_during_postcopy(netpair: Pair) -> None:
     st = netpair.status(netpair.dst_sock)
     assert st is not None and st["migration"]["status"] == "postcopy-active", st
     assert st["vm"]["runstate"] == "running", st["vm"]
+
+
+def test_destination_killed_in_postcopy_exit_3_and_source_stays_paused(netpair: Pair) -> None:
+    """The other side of the point of no return: once the guest ran on the destination,
+    losing the destination for good ends `send` with exit 3 (postcopy interrupted), the
+    source keeps its paused copy and refuses to run it again."""
+    net = netpair.net
+    assert net is not None
+    netpair.start(Guest(memory_mib=512, vcpus=1))
+    net.rate_limit(RATE_MB_S)
+    send = netpair.send_bg(
+        "postcopy", "--postcopy-bandwidth", str(RATE_MB_S), "--recovery-timeout", "3"
+    )
+    wait_source_state(netpair, "postcopy-active", send)
+    assert netpair.dest is not None and netpair.source is not None
+    netpair.dest.kill9()
+    assert send.wait(60) == 3, netpair.logs()
+    assert "do NOT restart" in send.log.read_text(), send.log.read_text()[-2000:]
+    assert netpair.source.alive()
+    st = netpair.status(netpair.src_sock)
+    assert st is not None and st["vm"]["runstate"] == "paused", st
+    r = netpair.cli("cont", "--control", netpair.src_sock)
+    assert r.returncode == 2, f"{r.returncode}: {r.stderr}"
+    assert "must never run here again" in r.stderr, r.stderr
