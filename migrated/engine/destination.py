@@ -441,16 +441,7 @@ class DestinationEngine:
 
     def _mark(self, page: int, npages: int) -> int:
         """Set received bits; returns how many were newly set."""
-        new = 0
-        end = page + npages
-        pos = page
-        while pos < end:
-            i, n = self.received.find_run(pos, False, end - pos)
-            if i < 0 or i >= end:
-                break
-            n = min(n, end - i)
-            new += n
-            pos = i + n
+        new = self._count_clear(page, npages)
         self.received.set(page, npages)
         return new
 
@@ -511,15 +502,7 @@ class DestinationEngine:
         self.stats.discarded_pages += self.ram.discard_marked(stale)
 
     def _count_clear(self, page: int, npages: int) -> int:
-        clear, pos, end = 0, page, page + npages
-        while pos < end:
-            i, n = self.received.find_run(pos, False, end - pos)
-            if i < 0 or i >= end:
-                break
-            n = min(n, end - i)
-            clear += n
-            pos = i + n
-        return clear
+        return sum(n for _, n in self.received.runs_within(page, npages, False))
 
     def _on_round_end(self, ch: Channel, r: PrecopyRoundEnd) -> None:
         self.stats.precopy_rounds = r.round

@@ -128,16 +128,7 @@ class PageInstaller:
     # -- bookkeeping (callers hold the lock) --------------------------------------------
 
     def _missing_runs(self, page: int, npages: int) -> Runs:
-        out: Runs = []
-        end, pos = page + npages, page
-        while pos < end:
-            i, n = self.received.find_run(pos, False, end - pos)
-            if i < 0 or i >= end:
-                break
-            n = min(n, end - i)
-            out.append((i, n))
-            pos = i + n
-        return out
+        return self.received.runs_within(page, npages, False)
 
     def _mark_runs(self, page: int, npages: int) -> Runs:
         """Set the bits; returns the sub-runs that were newly set."""

@@ -92,6 +92,20 @@ class PageBitmap:
             yield i, n
             pos = i + n
 
+    def runs_within(self, start: int, n: int, value: bool = True) -> list[tuple[int, int]]:
+        """The runs of ``value`` inside ``[start, start+n)``, clipped to it."""
+        self._check(start, n)
+        out: list[tuple[int, int]] = []
+        end, pos = start + n, start
+        while pos < end:
+            i, length = self.find_run(pos, value, end - pos)
+            if i < 0 or i >= end:
+                break
+            length = min(length, end - i)
+            out.append((i, length))
+            pos = i + length
+        return out
+
     def or_count_new(self, other: PageBitmap | bytes | bytearray) -> int:
         """``self |= other``; returns how many bits were newly set."""
         src = other.data if isinstance(other, PageBitmap) else other

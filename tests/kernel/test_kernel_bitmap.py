@@ -37,6 +37,21 @@ def test_runs_match_model(bits: list[bool], value: bool, max_len: int) -> None:
     assert [bm[i] for i in range(len(bits))] == bits
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=200), st.data())
+def test_runs_within_matches_model(bits: list[bool], data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, len(bits) - 1))
+    n = data.draw(st.integers(0, len(bits) - start))
+    bm = PageBitmap(len(bits))
+    for i, b in enumerate(bits):
+        if b:
+            bm.set(i)
+    for value in (True, False):
+        got = bm.runs_within(start, n, value)
+        want = [(start + i, k) for i, k in model_runs(bits[start : start + n], value, 0)]
+        assert got == want
+
+
 def test_ranges_or_andnot() -> None:
     a, b = PageBitmap(1000), PageBitmap(1000)
     a.set(3, 200)
