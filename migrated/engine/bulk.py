@@ -52,6 +52,7 @@ from migrated.protocol.connection import Connection
 from .channel import tune_socket
 from .installer import PageInstaller
 from .ram import PAGE_SIZE, GuestRam, staging_buffer
+from .stats import Pacer
 
 __all__ = ["BulkPusher", "BulkReceiver"]
 
@@ -174,7 +175,7 @@ class BulkPusher:
         sock, conn = self._connect()
         scratch = PageBitmap(self.frame_pages)
         cursor, wrapped = 0, False
-        t0 = time.monotonic()
+        pacer = Pacer(self.bandwidth)
         while not self._stop:
             with self.lock:
                 if self._jump_to is not None:
@@ -188,20 +189,18 @@ class BulkPusher:
                 cursor, wrapped = 0, True
                 continue
             cursor = page + n
-            for p, m in self.ram.split(page, n, self.frame_pages):
-                for is_zero, q, k in self.ram.zero_split(p, m, scratch):
-                    gpa = self.ram.gpa_of_page(q)
-                    if is_zero:
-                        _sendall(sock, conn.send(ZeroPages(gpa, k)))
-                        self.zero_pages += k
-                    else:
-                        _sendall(sock, conn.send(Pages(gpa, k, self.ram.view(q, k))))
-                        self.normal_pages += k
-                        self.bytes_sent += k * PAGE_SIZE
-            if self.bandwidth:
-                ahead = self.bytes_sent / self.bandwidth - (time.monotonic() - t0)
-                if ahead > 0.001:
-                    time.sleep(ahead)
+            sent = 0
+            for frame in self.ram.frames(page, n, self.frame_pages, scratch):
+                _sendall(sock, conn.send(frame))
+                if isinstance(frame, ZeroPages):
+                    self.zero_pages += frame.npages
+                else:
+                    self.normal_pages += frame.npages
+                    sent += frame.npages * PAGE_SIZE
+            self.bytes_sent += sent
+            delay_s = pacer.delay_s(sent)
+            if delay_s:
+                time.sleep(delay_s)
 
 
 class BulkReceiver:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from migrated.kernel import GuestMemory, PageBitmap, find_zero_pages
-from migrated.protocol import MemoryLayout, MemoryRegion
+from migrated.protocol import MemoryLayout, MemoryRegion, Pages, ZeroPages
 
 __all__ = ["GuestRam", "RamRegion", "staging_buffer"]
 
@@ -119,6 +119,22 @@ class GuestRam:
             n = min(n, npages - pos)
             yield is_zero, page + pos, n
             pos += n
+
+    def frames(
+        self, page: int, npages: int, max_pages: int, scratch: PageBitmap, request_id: int = 0
+    ) -> Iterator[Pages | ZeroPages]:
+        """The frames that carry ``[page, page+npages)``: runs of at most ``max_pages``
+        inside one region, all-zero runs as ZeroPages, the rest as Pages whose data is a
+        view of guest RAM (not copied).  ``scratch`` holds ``max_pages`` bits.
+
+        Reads guest memory: source side only."""
+        for p, n in self.split(page, npages, max_pages):
+            for is_zero, q, m in self.zero_split(p, n, scratch):
+                gpa = self.gpa_of_page(q)
+                if is_zero:
+                    yield ZeroPages(gpa, m, request_id)
+                else:
+                    yield Pages(gpa, m, self.view(q, m), request_id)
 
     def discard_marked(self, bitmap: PageBitmap) -> int:
         """MADV_DONTNEED every page set in the global ``bitmap``; returns the count."""

@@ -72,7 +72,7 @@ from migrated.vmm.machine import Runstate
 from .bulk import BulkPusher
 from .channel import Channel, ChannelClosedError, connect
 from .ram import PAGE_SIZE, GuestRam
-from .stats import MigrationStats, StepTimer
+from .stats import MigrationStats, Pacer, StepTimer
 
 __all__ = ["Mode", "SendOptions", "SourceEngine"]
 
@@ -164,13 +164,13 @@ class SourceEngine:
         self._failure: asyncio.Future[None] | None = None
         self._reconnect_now = asyncio.Event()
         self._t0 = time.monotonic()
-        self._pace_t0 = self._t0
+        self._precopy_pacer = Pacer(options.precopy_bandwidth)
+        self._postcopy_pacer = Pacer(options.postcopy_bandwidth)
         self._guest_runs = True  # until the switchover pauses it
         self._sent_lock = threading.Lock()
         self._dest_received_bytes = 0
         self._pusher: BulkPusher | None = None
         self._bulk_refused = False
-        self._pace_bytes = 0
 
     # -- control from other tasks ------------------------------------------------------
 
@@ -355,15 +355,13 @@ class SourceEngine:
         first = self.ram.page_of_gpa(req.gpa)
         self.stats.postcopy_requests += 1
         self.stats.postcopy_requested_pages += req.npages
-        for p, n in self.ram.split(first, req.npages, self.opts.frame_pages):
-            for is_zero, q, m in self.ram.zero_split(p, n, self._zero_scratch):
-                gpa = self.ram.gpa_of_page(q)
-                if is_zero:
-                    ch.send(ZeroPages(gpa, m, req.request_id))
-                else:
-                    ch.send(Pages(gpa, m, self.ram.view(q, m), req.request_id))
-                    self.stats.postcopy_bytes += m * PAGE_SIZE
-                self.stats.urgent_pages_sent += m
+        for frame in self.ram.frames(
+            first, req.npages, self.opts.frame_pages, self._zero_scratch, req.request_id
+        ):
+            ch.send(frame)
+            if isinstance(frame, Pages):
+                self.stats.postcopy_bytes += frame.npages * PAGE_SIZE
+            self.stats.urgent_pages_sent += frame.npages
         with self._sent_lock:  # the push thread reads and sets it too
             self.sent.set(first, req.npages)
         # Locality: the guest will likely touch what follows next.
@@ -381,21 +379,18 @@ class SourceEngine:
     def _send_run(self, page: int, npages: int) -> int:
         """Send ``npages`` from ``page`` on MAIN as page/zero frames; returns bytes."""
         nbytes = 0
-        for p, n in self.ram.split(page, npages, self.opts.frame_pages):
-            for is_zero, q, m in self.ram.zero_split(p, n, self._zero_scratch):
-                gpa = self.ram.gpa_of_page(q)
-                if is_zero:
-                    self._send_main(ZeroPages(gpa, m))
-                    self.stats.zero_pages += m
-                else:
-                    view = self.ram.view(q, m)
-                    if self._guest_runs and self._main is not None and self._main.conn.checksum:
-                        # The guest may rewrite the page before the queued bytes leave:
-                        # checksum and send a snapshot (the dirty log resends it anyway).
-                        view = memoryview(bytes(view))
-                    self._send_main(Pages(gpa, m, view))
-                    self.stats.normal_pages += m
-                    nbytes += m * PAGE_SIZE
+        for frame in self.ram.frames(page, npages, self.opts.frame_pages, self._zero_scratch):
+            if isinstance(frame, ZeroPages):
+                self.stats.zero_pages += frame.npages
+            else:
+                if self._guest_runs and self._main is not None and self._main.conn.checksum:
+                    # The guest may rewrite the page before the queued bytes leave:
+                    # checksum and send a snapshot (the dirty log resends it anyway).
+                    assert frame.data is not None
+                    frame = Pages(frame.gpa, frame.npages, memoryview(bytes(frame.data)))
+                self.stats.normal_pages += frame.npages
+                nbytes += frame.npages * PAGE_SIZE
+            self._send_main(frame)
         return nbytes
 
     async def _send_bitmap(self, todo: PageBitmap) -> int:
@@ -408,20 +403,14 @@ class SourceEngine:
             nbytes += sent
             self.sent.set(page, n)
             await self._main.drain()
-            await self._pace(sent, self.opts.precopy_bandwidth)
+            await self._pace(self._precopy_pacer, sent)
         return nbytes
 
-    async def _pace(self, nbytes: int, limit_bytes_per_s: int) -> None:
-        """Sleep as needed to keep the sending rate at ``limit_bytes_per_s``."""
-        if not limit_bytes_per_s:
-            return
-        now = time.monotonic()
-        if now - self._pace_t0 > 1.0:  # restart the window after idle time
-            self._pace_t0, self._pace_bytes = now, 0
-        self._pace_bytes += nbytes
-        ahead = self._pace_bytes / limit_bytes_per_s - (now - self._pace_t0)
-        if ahead > 0.001:
-            await asyncio.sleep(ahead)
+    @staticmethod
+    async def _pace(pacer: Pacer, nbytes: int) -> None:
+        delay_s = pacer.delay_s(nbytes)
+        if delay_s:
+            await asyncio.sleep(delay_s)
 
     def _check_interrupts(self) -> None:
         assert self._failure is not None
@@ -735,7 +724,7 @@ class SourceEngine:
             self.stats.postcopy_bytes += sent
             with self._sent_lock:
                 self.sent.set(page, n)
-            await self._pace(sent, self.opts.postcopy_bandwidth)
+            await self._pace(self._postcopy_pacer, sent)
             self._push_cursor = page + n
             if self._failure is not None and self._failure.done():
                 self._failure.result()

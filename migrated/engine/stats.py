@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LatencyHistogram", "MigrationStats", "StepTimer"]
+__all__ = ["LatencyHistogram", "MigrationStats", "Pacer", "StepTimer"]
 
 
 class LatencyHistogram:
@@ -64,6 +64,27 @@ class LatencyHistogram:
             # "<2^k us": count, for every bucket up to the last non-empty one
             "log2_us_buckets": {f"<{1 << k}us": self.buckets[k] for k in range(last + 1)},
         }
+
+
+class Pacer:
+    """Keeps a sending rate at or under ``limit_bytes_per_s`` (0: no limit).  The
+    window restarts every second, so a pause in sending earns no burst later."""
+
+    def __init__(self, limit_bytes_per_s: int) -> None:
+        self.limit = limit_bytes_per_s
+        self._t0 = time.monotonic()
+        self._nbytes = 0
+
+    def delay_s(self, nbytes: int) -> float:
+        """Account ``nbytes`` just sent; returns how long to wait before sending more."""
+        if not self.limit:
+            return 0.0
+        now = time.monotonic()
+        if now - self._t0 > 1.0:
+            self._t0, self._nbytes = now, 0
+        self._nbytes += nbytes
+        ahead = self._nbytes / self.limit - (now - self._t0)
+        return ahead if ahead > 0.001 else 0.0
 
 
 class StepTimer:
