@@ -48,6 +48,12 @@ class PreflightError(MigratedError):
     exit_code = 2
 
 
+class AuthorizationError(MigratedError):
+    """A peer was refused: no certificate, another CA, or an identity not allowed."""
+
+    exit_code = 1
+
+
 class GuestCrashed(MigratedError):
     """The guest stopped abnormally (triple fault, unexpected exit)."""
 

@@ -1,0 +1,1 @@
+"""Transport: sockets and threads around the sans-IO protocol (see the submodules)."""
