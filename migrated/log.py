@@ -34,7 +34,7 @@ EVENT_MESSAGE_IDS: dict[str, str] = {
 }
 
 
-class MigrationLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class MigrationLogger(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
     """A logger whose records carry the migration context (see the module notes)."""
 
     def __init__(

@@ -17,7 +17,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from migrated.errors import MigratedError
+from migrated.errors import GuestBuildError
 
 __all__ = ["BUILTIN_GUESTS", "GuestBuildError", "cache_dir", "guest_image"]
 
@@ -49,12 +49,6 @@ _CFLAGS = (
     "-Wextra",
     "-Wl,--build-id=none",
 )
-
-
-class GuestBuildError(MigratedError):
-    """A built-in guest could not be built (missing tool, compiler error, unknown name)."""
-
-    exit_code = 2
 
 
 def cache_dir() -> Path:

@@ -1,38 +1,20 @@
-"""The migrated wire protocol, sans-IO.
+"""The migrated wire protocol, version 2, sans-IO.
 
 This package owns no sockets, threads or clocks (a test enforces its imports).  Its
-parts:
+parts, bottom up:
 
 * :mod:`.layout`: ``MemoryRegion`` / ``MemoryLayout`` and page-range validation.
 * :mod:`.events`: the message catalogue (frozen dataclasses), enums and limits.
 * :mod:`.codec`: the message table and header encoding/decoding.
-* :mod:`.rules`: per-connection rules (channel table, handshake, ``negotiate``).
+* :mod:`.rules`: who sends what on which channel (:data:`ROUTES`, the one table the
+  channel rules and senders are derived from) and the Hello/Welcome handshake.
 * :mod:`.connection`: ``Connection``, one endpoint of one TCP connection.
+* :mod:`.state`: the session state machine as a table, with the commit point.
+* :mod:`.session`: ``Session``, one migration's connections, table and timers.
 * :mod:`.loopback`: two Connections wired in memory (tests, benchmarks).
-* :mod:`.state`: ``SessionState``, the per-role session state machine (tables).
 
-The written specification is ``docs/protocol.md``.
-
-Additions to and deviations from the design note of issue #3:
-
-* ``SessionState.handle(event, direction, *, channel=ChannelRole.MAIN)``: the table key
-  is ``(role, state, direction, event type)``; the channel matters only for an Error
-  the source receives in DEVICE.
-* One more state, ``MigrationState.DEVICE`` (QEMU's name): VmState sent/received, the
-  guest not yet known to run.  Cancel is allowed up to SWITCHOVER, refused from DEVICE.
-* Local events ``LinkLost``, ``BeginRecovery`` and ``Abandon`` (``session.abandon()``:
-  the operator gives up a paused postcopy; FAILED with the point of no return kept).
-* ``ZeroPages`` has ``request_id`` (a requested zero page is answered with ZeroPages).
-* ``next_event`` returns ``ConnectionClosed()`` after a clean EOF between frames.
-* Checksums are seeded with the frame's gpa (Pages) so data cannot land at the wrong
-  address unnoticed; VmState and ReceivedBitmap carry checksums too.
-* ``Connection(role=DESTINATION, channel=None)`` adopts the channel its Hello names.
-* ``payload_target()`` first drains bytes buffered in the decoder into the sink, and
-  returns None if they completed the payload.  The header event passed to the sink is
-  the same object ``next_event`` later returns, with ``data`` filled in.
-* ``Pages`` takes a hand-inlined fast path in ``send``/``next_event``; a test checks it
-  produces the table path's bytes, and it falls back to the table path for anything
-  unusual (so the errors are the table path's).
+The written specification is ``docs/protocol.md``; a test checks its tables against
+:mod:`.state` and :mod:`.rules`.
 """
 
 from migrated.protocol.connection import Connection
@@ -45,6 +27,7 @@ from migrated.protocol.events import (
     MAX_REQUEST_NPAGES,
     MAX_VM_STATE_NBYTES,
     MIN_PROTOCOL_VERSION,
+    MODES,
     NEED_DATA,
     PROTOCOL_VERSION,
     SESSION_ID_NBYTES,
@@ -53,6 +36,7 @@ from migrated.protocol.events import (
     BeginRecovery,
     Cancel,
     ChannelRole,
+    Commit,
     Complete,
     CompleteAck,
     ConnectionClosed,
@@ -65,8 +49,10 @@ from migrated.protocol.events import (
     LinkLost,
     PageRequest,
     Pages,
+    PrecopyRoundAck,
     PrecopyRoundEnd,
     Progress,
+    Ready,
     ReceivedBitmap,
     Role,
     Running,
@@ -78,7 +64,14 @@ from migrated.protocol.events import (
     ZeroPages,
 )
 from migrated.protocol.layout import MemoryLayout, MemoryRegion, bitmap_missing_runs
-from migrated.protocol.rules import CHANNEL_RULES, Phase, check_welcome, negotiate
+from migrated.protocol.rules import CHANNEL_RULES, ROUTES, SENDERS, Phase, check_welcome, negotiate
+from migrated.protocol.session import (
+    HandshakeTimeout,
+    HeartbeatDue,
+    LinkSilent,
+    Session,
+    TimerEvent,
+)
 from migrated.protocol.state import TABLE, Direction, MigrationState, Refusal, SessionState
 
 __all__ = [
@@ -91,8 +84,11 @@ __all__ = [
     "MAX_REQUEST_NPAGES",
     "MAX_VM_STATE_NBYTES",
     "MIN_PROTOCOL_VERSION",
+    "MODES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "ROUTES",
+    "SENDERS",
     "SESSION_ID_NBYTES",
     "TABLE",
     "Abandon",
@@ -100,6 +96,7 @@ __all__ = [
     "BeginRecovery",
     "Cancel",
     "ChannelRole",
+    "Commit",
     "Complete",
     "CompleteAck",
     "Connection",
@@ -110,24 +107,31 @@ __all__ = [
     "Error",
     "ErrorCode",
     "Event",
+    "HandshakeTimeout",
+    "HeartbeatDue",
     "Hello",
     "LinkLost",
+    "LinkSilent",
     "MemoryLayout",
     "MemoryRegion",
     "MigrationState",
     "PageRequest",
     "Pages",
     "Phase",
+    "PrecopyRoundAck",
     "PrecopyRoundEnd",
     "Progress",
+    "Ready",
     "ReceivedBitmap",
     "Refusal",
     "Role",
     "Running",
+    "Session",
     "SessionState",
     "Setup",
     "SetupAck",
     "Switchover",
+    "TimerEvent",
     "VmState",
     "Welcome",
     "ZeroPages",

@@ -75,6 +75,12 @@ def _count(value: Any) -> int:
     return value
 
 
+def _mode(value: Any) -> str:
+    if value not in ev.MODES or type(value) is not str:
+        raise FieldError(f"mode must be one of {', '.join(ev.MODES)}, got {value!r:.80}")
+    return value
+
+
 def _text(value: Any) -> str:
     if type(value) is not str or len(value) > ev.MAX_TEXT_LEN:
         raise FieldError(f"expected a string of at most {ev.MAX_TEXT_LEN} characters")
@@ -162,6 +168,7 @@ class Kind:
 U64 = Kind("u64", _u64, _u64)
 COUNT = Kind("count", _count, _count)
 TEXT = Kind("text", _text, _text)
+MODE = Kind("mode", _mode, _mode)
 BOOL = Kind("bool", _boolean, _boolean)
 SESSION_ID = Kind("session_id", _session_id, _session_id)
 FEATURES = Kind("features", _features_out, _features_in)
@@ -212,7 +219,7 @@ MESSAGES: tuple[MessageSpec, ...] = (
             ("vm_uuid", TEXT),
             ("layout", LAYOUT),
             ("vcpu_count", COUNT),
-            ("mode", TEXT),
+            ("mode", MODE),
         ),
     ),
     MessageSpec(5, ev.SetupAck, ()),
@@ -224,13 +231,16 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(11, ev.VmState, (), Payload.BLOB),
     MessageSpec(12, ev.Running, ()),
     MessageSpec(13, ev.PageRequest, (("request_id", U64), *_RANGE)),
-    MessageSpec(14, ev.Progress, (("bytes_sent", U64), ("pages_remaining", U64))),
+    MessageSpec(14, ev.Progress, (("payload_bytes", U64), ("pages_remaining", U64))),
     MessageSpec(15, ev.AllSent, ()),
     MessageSpec(16, ev.Complete, (("pages_installed", U64),)),
     MessageSpec(17, ev.CompleteAck, ()),
     MessageSpec(18, ev.Cancel, (("reason", TEXT),)),
     MessageSpec(19, ev.ReceivedBitmap, (), Payload.BITMAP),
     MessageSpec(20, ev.DiscardBitmap, (), Payload.BITMAP),
+    MessageSpec(21, ev.Ready, ()),
+    MessageSpec(22, ev.Commit, ()),
+    MessageSpec(23, ev.PrecopyRoundAck, (("round", U64), ("bytes_received", U64))),
 )
 
 PAGES_CODE = 6  # the hot message; Connection has a fast path checked against the table

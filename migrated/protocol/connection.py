@@ -45,6 +45,7 @@ from migrated.protocol.rules import CHANNEL_RULES, Phase, check_welcome
 from migrated.protocol.rules import negotiate as negotiate  # re-exported
 
 _RANGE_EVENTS = (ev.ZeroPages, ev.Discard, ev.PageRequest)
+_RESUME_ANSWERS = frozenset({ev.ReceivedBitmap, ev.Ready, ev.Complete, ev.Error})
 _PAGES_SPEC = codec.BY_CODE[codec.PAGES_CODE]
 _EMPTY = memoryview(b"")
 # Bytes fed to the msgpack decoder at a time while looking for the end of a header.
@@ -87,7 +88,8 @@ class Connection:
         self.checksum: str | None = None
         self.error_sent = False
         self.error_received = False
-        self._bitmap_due = False  # resumed MAIN: ReceivedBitmap must follow Welcome
+        # Resumed MAIN: the destination's first frame after Welcome answers the resume.
+        self._answer_due = False
         self._fast_send = self._fast_recv = False
         self._send_allowed: frozenset[type] = frozenset()
         self._recv_allowed: frozenset[type] = frozenset()
@@ -204,7 +206,7 @@ class Connection:
 
     def _update_fast(self) -> None:
         """Recompute whether Pages may take the fast paths (open, layout known, ...)."""
-        usable = self.phase is Phase.OPEN and self.layout is not None and not self._bitmap_due
+        usable = self.phase is Phase.OPEN and self.layout is not None
         self._fast_send = usable and not self.error_sent and ev.Pages in self._send_allowed
         self._fast_recv = usable and not self.error_received and ev.Pages in self._recv_allowed
 
@@ -217,10 +219,8 @@ class Connection:
                     f"{self.channel.name if self.channel is not None else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
-            if self._bitmap_due and t is not ev.ReceivedBitmap:
-                raise LocalProtocolError("a resumed MAIN connection must send ReceivedBitmap first")
-            if t is ev.ReceivedBitmap and not self._bitmap_due:
-                raise LocalProtocolError("ReceivedBitmap is only sent right after a resume Welcome")
+            if self.role is Role.DESTINATION:
+                self._check_resume_answer(t, LocalProtocolError)
             return
         if phase is Phase.START and self.role is Role.SOURCE and t is ev.Hello:
             if event.role is not self.channel:
@@ -257,16 +257,31 @@ class Connection:
                 self.phase = Phase.CLOSED
         elif t is ev.Setup:
             self.layout = event.layout
-        elif t is ev.ReceivedBitmap:
-            self._bitmap_due = False
+        if self._answer_due and (self.role is Role.DESTINATION) == sent and t is not ev.Welcome:
+            self._answer_due = False  # the destination has answered the resume
         self._update_fast()
+
+    def _check_resume_answer(self, t: type, error: type[ProtocolError]) -> None:
+        """A frame from the destination on an open connection: on a resumed MAIN the
+        first one answers the resume (docs/protocol.md §7); ReceivedBitmap is never
+        sent otherwise."""
+        if self._answer_due and t not in _RESUME_ANSWERS:
+            raise error(
+                f"{t.__name__} before the answer to the resume (ReceivedBitmap, Ready or Complete)",
+                code=ev.ErrorCode.UNEXPECTED,
+            )
+        if t is ev.ReceivedBitmap and not self._answer_due:
+            raise error(
+                "ReceivedBitmap is only the first frame after a resume Welcome",
+                code=ev.ErrorCode.UNEXPECTED,
+            )
 
     def _open(self, welcome: ev.Welcome) -> None:
         assert self.hello is not None
         self.welcome = welcome
         self.checksum = codec.choose_checksum(welcome.features)
         self.phase = Phase.OPEN
-        self._bitmap_due = self.hello.resume and self.channel is ChannelRole.MAIN
+        self._answer_due = self.hello.resume and self.channel is ChannelRole.MAIN
 
     def _check_welcome(self, welcome: ev.Welcome, error: type[ProtocolError]) -> None:
         assert self.hello is not None
@@ -329,6 +344,11 @@ class Connection:
         if not 0 < nbytes <= self._pl_nbytes - self._pl_filled:
             raise LocalProtocolError(f"payload_written({nbytes}) exceeds the payload")
         self._pl_filled += nbytes
+
+    def poison(self, exc: ProtocolError) -> None:
+        """Make the receive side dead with ``exc`` (the session refused an event this
+        connection decoded): every later :meth:`next_event` raises it."""
+        self._dead = exc
 
     @property
     def in_payload(self) -> bool:
@@ -510,15 +530,8 @@ class Connection:
                     f"{self.channel.name if self.channel is not None else 'unknown'} channel",
                     code=ev.ErrorCode.UNEXPECTED,
                 )
-            if self._bitmap_due and t is not ev.ReceivedBitmap and t is not ev.Error:
-                raise RemoteProtocolError(
-                    f"expected ReceivedBitmap after the resume Welcome, got {t.__name__}",
-                    code=ev.ErrorCode.UNEXPECTED,
-                )
-            if t is ev.ReceivedBitmap and not self._bitmap_due:
-                raise RemoteProtocolError(
-                    "ReceivedBitmap outside the recovery handshake", code=ev.ErrorCode.UNEXPECTED
-                )
+            if self.role is Role.SOURCE:
+                self._check_resume_answer(t, RemoteProtocolError)
             return
         if t is ev.Error and phase is not Phase.CLOSED:
             return

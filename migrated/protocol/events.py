@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 from migrated.protocol.layout import MemoryLayout
 
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: Version 1 had no commit point (the destination ran the guest as soon as the state
+#: arrived), so a version-2 peer refuses it: see docs/protocol.md §11.
+MIN_PROTOCOL_VERSION = 2
 
 SESSION_ID_NBYTES = 16
 MAX_HEADER_NBYTES = 64 * 1024
@@ -34,6 +36,10 @@ MAX_REQUEST_NPAGES = 512
 MAX_FEATURES = 32
 MAX_FEATURE_NAME_LEN = 64
 MAX_TEXT_LEN = 4096
+
+#: ``Setup.mode`` values.  What the mode means to a destination: nothing it must act
+#: on (the source drives every phase); it is recorded and reported.
+MODES = ("postcopy", "hybrid", "precopy")
 
 FEATURE_CHECKSUM_XXH3 = "checksum-xxh3"
 FEATURE_CHECKSUM_CRC32 = "checksum-crc32"
@@ -94,9 +100,15 @@ class ErrorCode:
     VERSION = "version"  # no common protocol version
     UNEXPECTED = "unexpected"  # message not allowed on this channel / in this state
     TRUNCATED = "truncated"  # stream ended inside a frame
-    CANCEL_REFUSED = "cancel-refused"  # Cancel after the point of no return
+    FEATURE = "feature"  # Welcome accepted a feature that was not offered
+    CANCEL_REFUSED = "cancel-refused"  # Cancel after the commit
     SESSION_UNKNOWN = "session-unknown"  # resume Hello for a session we do not know
-    SESSION_FAILED = "session-failed"  # resume refused: the destination never ran the guest
+    SESSION_FAILED = "session-failed"  # resume refused: the session ended before Ready
+    BUSY = "busy"  # another session is in progress here, or a connection limit is reached
+    UNSUPPORTED_VM = "unsupported-vm"  # a valid VM this destination cannot host
+    INSUFFICIENT_MEMORY = "insufficient-memory"  # not enough memory here for the guest
+    RESTORE_FAILED = "restore-failed"  # the VM state could not be restored here
+    TIMEOUT = "timeout"  # no heartbeat (or no handshake) within the limit
     INTERNAL = "internal"  # the sender failed locally (details in the message)
 
 
@@ -137,7 +149,7 @@ class Error:
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """Source describes the VM.  ``mode`` is "postcopy" or "precopy" (informational)."""
+    """Source describes the VM.  ``mode`` is one of :data:`MODES` (informational)."""
 
     vm_name: str
     vm_uuid: str
@@ -192,10 +204,19 @@ class DiscardBitmap:
 
 @dataclass(frozen=True, slots=True)
 class PrecopyRoundEnd:
-    """Progress marker: precopy round ``round`` ended with ``dirty_pages`` dirty pages."""
+    """Precopy round ``round`` ended with ``dirty_pages`` dirty pages."""
 
     round: int
     dirty_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyRoundAck:
+    """Destination → source: round ``round`` is processed; ``bytes_received`` page
+    payload bytes have arrived so far on all channels."""
+
+    round: int
+    bytes_received: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +226,26 @@ class Switchover:
 
 @dataclass(frozen=True, slots=True)
 class VmState:
-    """Opaque device/vCPU state blob (at most 64 MiB)."""
+    """The device/vCPU state record (at most 64 MiB; docs/protocol.md §12)."""
 
     data: memoryview | None = None
 
 
 @dataclass(frozen=True, slots=True)
+class Ready:
+    """Destination → source: it holds the complete VM state, can run it, and waits
+    for Commit.  Sent again on a resumed MAIN while it still waits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Source → destination: run the guest.  Sending it is the source's point of no
+    return; receiving it is the destination's."""
+
+
+@dataclass(frozen=True, slots=True)
 class Running:
-    """Destination → source: the guest runs on the destination (point of no return)."""
+    """Destination → source: the vCPUs run (informational; ends the downtime)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +259,13 @@ class PageRequest:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """Either direction; also the heartbeat."""
+    """The heartbeat, either direction, on MAIN at least every second.
 
-    bytes_sent: int
+    ``payload_bytes``: page payload bytes this side has sent (source) or received
+    (destination) on all channels of the session.  ``pages_remaining``: pages the
+    sender believes the destination still lacks."""
+
+    payload_bytes: int
     pages_remaining: int
 
 
@@ -251,7 +288,7 @@ class CompleteAck:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Source → destination, only before VmState is sent."""
+    """Source → destination, only before Commit: the source keeps (or resumed) the VM."""
 
     reason: str
 
@@ -283,7 +320,8 @@ class BeginRecovery:
 
 @dataclass(frozen=True, slots=True)
 class Abandon:
-    """Session: the operator gives up a paused postcopy migration (e.g. guest crashed)."""
+    """Session: the operator gives up an in-doubt or paused session (``cont --force``
+    on a source, ``cancel --force`` or ``stop --force`` on a destination)."""
 
 
 WireEvent = (
@@ -297,8 +335,11 @@ WireEvent = (
     | Discard
     | DiscardBitmap
     | PrecopyRoundEnd
+    | PrecopyRoundAck
     | Switchover
     | VmState
+    | Ready
+    | Commit
     | Running
     | PageRequest
     | Progress
@@ -322,8 +363,11 @@ WIRE_EVENT_TYPES: tuple[type, ...] = (
     Discard,
     DiscardBitmap,
     PrecopyRoundEnd,
+    PrecopyRoundAck,
     Switchover,
     VmState,
+    Ready,
+    Commit,
     Running,
     PageRequest,
     Progress,

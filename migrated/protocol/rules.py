@@ -1,8 +1,13 @@
-"""Per-connection rules: which role may send what on which channel, and the handshake.
+"""Per-connection rules: who sends what on which channel, and the handshake.
 
-:data:`CHANNEL_RULES` is the table the :class:`~migrated.protocol.connection.Connection`
-applies once a connection is open; :func:`negotiate` builds the destination's
-``Welcome`` and :func:`check_welcome` checks one (both sides use it).  Session-wide
+:data:`ROUTES` is the one table, written from the sender's side: for every wire
+message, the roles that send it and the channels it may use.  :data:`SENDERS` and
+:data:`CHANNEL_RULES` (what the :class:`~migrated.protocol.connection.Connection`
+applies once a connection is open) are derived from it, never restated.
+
+:func:`negotiate` builds the destination's ``Welcome`` and :func:`check_welcome` checks
+one (both sides use it).  Which channel may be opened in which session state is
+:data:`OPENING` (applied by :class:`~migrated.protocol.session.Session`); session-wide
 order is :mod:`migrated.protocol.state`'s job.
 """
 
@@ -15,42 +20,52 @@ from migrated.protocol import events as ev
 from migrated.protocol.events import ChannelRole, Role
 
 _M, _U, _B = ChannelRole.MAIN, ChannelRole.URGENT, ChannelRole.BULK
-_SRC, _DST = Role.SOURCE, Role.DESTINATION
+_SRC, _DST = frozenset({Role.SOURCE}), frozenset({Role.DESTINATION})
+_BOTH = _SRC | _DST
+_ALL = frozenset(ChannelRole)
+
+#: message type -> (roles that send it, channels it may use).  Hello and Welcome open
+#: every connection (see Connection); Error may end any connection.
+ROUTES: dict[type, tuple[frozenset[Role], frozenset[ChannelRole]]] = {
+    ev.Hello: (_SRC, _ALL),
+    ev.Welcome: (_DST, _ALL),
+    ev.Error: (_BOTH, _ALL),
+    ev.Progress: (_BOTH, _ALL),
+    ev.Setup: (_SRC, frozenset({_M})),
+    ev.SetupAck: (_DST, frozenset({_M})),
+    ev.Pages: (_SRC, _ALL),
+    ev.ZeroPages: (_SRC, _ALL),
+    ev.Discard: (_SRC, frozenset({_M})),
+    ev.DiscardBitmap: (_SRC, frozenset({_M})),
+    ev.PrecopyRoundEnd: (_SRC, frozenset({_M})),
+    ev.PrecopyRoundAck: (_DST, frozenset({_M})),
+    ev.Switchover: (_SRC, frozenset({_M})),
+    ev.VmState: (_SRC, frozenset({_M})),
+    ev.Ready: (_DST, frozenset({_M})),
+    ev.Commit: (_SRC, frozenset({_M})),
+    ev.Running: (_DST, frozenset({_M})),
+    # On URGENT; on MAIN only by a destination that has no URGENT connection.
+    ev.PageRequest: (_DST, frozenset({_M, _U})),
+    ev.AllSent: (_SRC, frozenset({_M})),
+    ev.Complete: (_DST, frozenset({_M})),
+    ev.CompleteAck: (_SRC, frozenset({_M})),
+    ev.Cancel: (_SRC, frozenset({_M})),
+    ev.ReceivedBitmap: (_DST, frozenset({_M})),
+}
+assert set(ROUTES) == set(ev.WIRE_EVENT_TYPES), "every wire message has a route"
+
+#: Which roles may send each wire message.
+SENDERS: dict[type, frozenset[Role]] = {t: senders for t, (senders, _) in ROUTES.items()}
 
 #: (channel, sending role) -> message types allowed once the handshake is done.
 CHANNEL_RULES: dict[tuple[ChannelRole, Role], frozenset[type]] = {
-    (_M, _SRC): frozenset(
-        {
-            ev.Setup,
-            ev.Pages,
-            ev.ZeroPages,
-            ev.Discard,
-            ev.DiscardBitmap,
-            ev.PrecopyRoundEnd,
-            ev.Switchover,
-            ev.VmState,
-            ev.Progress,
-            ev.AllSent,
-            ev.CompleteAck,
-            ev.Cancel,
-            ev.Error,
-        }
-    ),
-    (_M, _DST): frozenset(
-        {
-            ev.SetupAck,
-            ev.Running,
-            ev.PageRequest,
-            ev.Progress,
-            ev.Complete,
-            ev.ReceivedBitmap,
-            ev.Error,
-        }
-    ),
-    (_U, _SRC): frozenset({ev.Pages, ev.ZeroPages, ev.Progress, ev.Error}),
-    (_U, _DST): frozenset({ev.PageRequest, ev.Progress, ev.Error}),
-    (_B, _SRC): frozenset({ev.Pages, ev.ZeroPages, ev.Progress, ev.Error}),
-    (_B, _DST): frozenset({ev.Progress, ev.Error}),
+    (channel, role): frozenset(
+        t
+        for t, (senders, channels) in ROUTES.items()
+        if role in senders and channel in channels and t not in (ev.Hello, ev.Welcome)
+    )
+    for channel in ChannelRole
+    for role in Role
 }
 
 
@@ -73,9 +88,15 @@ def negotiate(
     """The destination's ``Welcome`` for ``hello``: highest common version, feature
     intersection, same session id.
 
-    Raises RemoteProtocolError (code "version") naming both version ranges when there
-    is no common version; send ``Error(exc.code, str(exc))`` in that case.
+    Raises RemoteProtocolError (code "bad-frame") for an empty version range and
+    (code "version") naming both version ranges when there is no common version; send
+    ``Error(exc.code, str(exc))`` in that case.
     """
+    if hello.min_version > hello.version:
+        raise RemoteProtocolError(
+            f"Hello offers the empty version range {hello.min_version}..{hello.version}",
+            code=ev.ErrorCode.BAD_FRAME,
+        )
     agreed = min(version, hello.version)
     if agreed < max(min_version, hello.min_version):
         raise RemoteProtocolError(
@@ -102,6 +123,6 @@ def check_welcome(hello: ev.Hello, welcome: ev.Welcome, error: type[ProtocolErro
         )
     if not welcome.features <= hello.features:
         extra = sorted(welcome.features - hello.features)
-        raise error(f"Welcome accepts features never offered: {extra}", code="feature")
+        raise error(f"Welcome accepts features never offered: {extra}", code=ev.ErrorCode.FEATURE)
     if welcome.session_id != hello.session_id:
         raise error("Welcome names a different session id than Hello")

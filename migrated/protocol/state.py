@@ -1,37 +1,37 @@
-"""The migration session state machine: one table per role, in this module only.
+"""The migration session state machine: one table, in this module only.
 
-:class:`SessionState` is fed every event of a session, from all its channels, in the
-order the engine sends or receives them, plus three local events (``LinkLost``,
-``BeginRecovery``, ``Abandon``).  :data:`TABLE` maps
-``(role, state, direction, event type)`` to the next state or to a :class:`Refusal`;
-it is total (a test checks every key).  A refusal raises ``LocalProtocolError`` for
-something we sent or a local event, ``RemoteProtocolError`` for something received;
-the state does not change, the engine should send ``Error`` (which the table handles).
+:data:`MESSAGE_RULES` is written once per message from the sender's side: in which of
+its states the sender may send it and where that takes it, and in which states the
+receiver accepts it and where that takes *it*.  The receiver's list includes every
+state the receiver can have moved on to while the message was in flight on another
+connection (MAIN, URGENT and BULK are separate TCP streams with no order between
+them); a test explores every interleaving of two peers to prove the lists complete.
+Errors and the local events (``LinkLost``, ``BeginRecovery``, ``Abandon``) have their
+own per-role rules, :data:`LOCAL_RULES` and :data:`ERROR_RULES`.  :data:`OPENING`
+says in which states each kind of connection may be opened.
 
-Deviation from the first design note: the key includes the *direction*, because
-``Error`` and ``Progress`` travel both ways and a source that sent ``Error`` after
-``VmState`` must behave differently from one that received it.  One extra state from
-QEMU's vocabulary, ``DEVICE``, covers "VmState sent/received, guest not yet known to
-run on the destination".
+:data:`TABLE` maps ``(role, state, direction, event type)`` to the next state or to a
+:class:`Refusal`; it is total over the session event types.  ``SessionState.handle``
+applies it: a refusal raises ``LocalProtocolError`` for something we sent or a local
+event, ``RemoteProtocolError`` for something received; the state does not change.
 
-The point of no return
-----------------------
-``MigrationState.after_point_of_no_return`` is true for POSTCOPY_ACTIVE,
-POSTCOPY_PAUSED, POSTCOPY_RECOVER and COMPLETED: the destination has (or may have) run
-the guest and the source must never run it again.  :attr:`SessionState.point_of_no_return`
-is sticky: once crossed, it stays true even in FAILED.  Before it, every failure ends in
-FAILED or CANCELLED with the VM still on the source.
+The commit point
+----------------
+``VmState`` is followed by ``Ready`` (destination → source: it holds the whole state
+and can run it) and ``Commit`` (source → destination).  *Sending* Commit is the
+source's point of no return; *receiving* it is the destination's, which only then runs
+the guest.  :attr:`SessionState.point_of_no_return` is sticky.
 
-The source in DEVICE does not know whether the destination already runs the guest, so
-link loss (or an Error it sends) moves it to POSTCOPY_PAUSED, never to FAILED.  Only an
-``Error`` *received on MAIN* in DEVICE proves the destination never ran the guest
-(the destination sends Running and its refusal on MAIN, which is ordered), and moves
-the source to FAILED with the point of no return not crossed.  An Error received on
-another channel in DEVICE counts as link loss.
-
-After the point of no return, ``Error`` either way and link loss both lead to
-POSTCOPY_PAUSED: the guest lives on the destination and only recovery (or the operator's
-``Abandon``) ends the session.
+* Before sending Commit, every failure of the source ends in FAILED or CANCELLED and
+  the VM resumes on the source: the destination cannot run it without Commit.
+* A destination in READY does not know whether Commit is on its way.  Link loss and
+  any Error leave it in READY, holding the state: only ``Commit`` (run), ``Cancel``
+  (the source kept the VM) or the operator's ``Abandon`` end the doubt.  A resumed
+  MAIN connection is answered with ``Ready`` again, and the source sends ``Commit`` if
+  it had committed or ``Cancel`` if it had resumed the VM.
+* After the point of no return, Error and link loss lead to POSTCOPY_PAUSED: the
+  guest runs on the destination, the source keeps the rest of its memory, and only
+  recovery (or ``Abandon``) ends the paused state.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any
 from migrated.errors import LocalProtocolError, RemoteProtocolError
 from migrated.protocol import events as ev
 from migrated.protocol.events import ChannelRole, Role
+from migrated.protocol.rules import SENDERS
 
 
 class MigrationState(enum.Enum):
@@ -51,7 +52,8 @@ class MigrationState(enum.Enum):
     SETUP = "setup"
     ACTIVE = "active"  # precopy
     SWITCHOVER = "switchover"  # source paused the VM; final pages
-    DEVICE = "device"  # VmState sent; guest not yet confirmed running on the destination
+    DEVICE = "device"  # VmState sent / received
+    READY = "ready"  # the destination holds the complete state and waits for Commit
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
     POSTCOPY_RECOVER = "postcopy-recover"
@@ -60,23 +62,8 @@ class MigrationState(enum.Enum):
     CANCELLED = "cancelled"
 
     @property
-    def after_point_of_no_return(self) -> bool:
-        """The destination has run the guest: the source must never run it again."""
-        return self in _AFTER_PNR
-
-    @property
     def terminal(self) -> bool:
         return self in (MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED)
-
-
-_AFTER_PNR = frozenset(
-    {
-        MigrationState.POSTCOPY_ACTIVE,
-        MigrationState.POSTCOPY_PAUSED,
-        MigrationState.POSTCOPY_RECOVER,
-        MigrationState.COMPLETED,
-    }
-)
 
 
 class Direction(enum.Enum):
@@ -93,147 +80,197 @@ class Refusal:
     reason: str
 
 
-SESSION_EVENT_TYPES: tuple[type, ...] = ev.WIRE_EVENT_TYPES + ev.LOCAL_EVENT_TYPES
-
-#: Which roles may send each wire message (Progress and Error travel both ways).
-SENDERS: dict[type, frozenset[Role]] = {
-    t: frozenset({Role.SOURCE})
-    for t in (
-        ev.Hello,
-        ev.Setup,
-        ev.Pages,
-        ev.ZeroPages,
-        ev.Discard,
-        ev.DiscardBitmap,
-        ev.PrecopyRoundEnd,
-        ev.Switchover,
-        ev.VmState,
-        ev.AllSent,
-        ev.CompleteAck,
-        ev.Cancel,
-    )
-}
-SENDERS.update(
-    {
-        t: frozenset({Role.DESTINATION})
-        for t in (
-            ev.Welcome,
-            ev.SetupAck,
-            ev.Running,
-            ev.PageRequest,
-            ev.Complete,
-            ev.ReceivedBitmap,
-        )
-    }
-)
-SENDERS[ev.Progress] = SENDERS[ev.Error] = frozenset({Role.SOURCE, Role.DESTINATION})
-
 S = MigrationState
+_SRC, _DST = Role.SOURCE, Role.DESTINATION
 _SENT, _RECV, _LOCAL = Direction.SENT, Direction.RECEIVED, Direction.LOCAL
-_PRE_RUN = (S.SETUP, S.ACTIVE, S.SWITCHOVER, S.DEVICE)
-_OPEN_CHANNELS = (*_PRE_RUN, S.POSTCOPY_ACTIVE)
-_DONE = (S.FAILED, S.CANCELLED)
+#: Before the commit: the source still owns the VM.
+BEFORE_COMMIT = (S.SETUP, S.ACTIVE, S.SWITCHOVER, S.DEVICE, S.READY)
+_LIVE = (*BEFORE_COMMIT, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
+_ENDED = (S.FAILED, S.CANCELLED)
+_ANY = tuple(MigrationState)
+_STOPS = frozenset({S.FAILED, S.CANCELLED, S.POSTCOPY_PAUSED})
 
-# Rules: (states, direction, event types, next state or None for "stay").  Written from
-# the sender's point of view; the tables below turn them into per-role entries.
-_Rule = tuple[tuple[MigrationState, ...], Direction, tuple[type, ...], "MigrationState | None"]
+Moves = dict[MigrationState, MigrationState]
 
-_SOURCE_RULES: list[_Rule] = [
-    # Opening extra channels (URGENT, BULK) at any time the session is healthy.
-    (_OPEN_CHANNELS, _SENT, (ev.Hello,), None),
-    (_OPEN_CHANNELS, _RECV, (ev.Welcome,), None),
-    ((S.SETUP,), _SENT, (ev.Setup,), None),
-    ((S.SETUP,), _RECV, (ev.SetupAck,), S.ACTIVE),
-    (
-        (S.ACTIVE,),
-        _SENT,
-        (ev.Pages, ev.ZeroPages, ev.Discard, ev.DiscardBitmap, ev.PrecopyRoundEnd),
-        None,
+
+def same(*states: MigrationState) -> Moves:
+    """Each state stays as it is."""
+    return {s: s for s in states}
+
+
+def to(target: MigrationState, *states: MigrationState) -> Moves:
+    return {s: target for s in states}
+
+
+@dataclass(frozen=True)
+class MessageRule:
+    """``sender`` may send ``message`` in the states of ``sent`` (moving as it says);
+    the peer accepts it in the states of ``received``."""
+
+    message: type
+    sender: Role
+    sent: Moves
+    received: Moves
+
+
+#: One row per message (two for Progress, which both sides send).  See the module notes.
+MESSAGE_RULES: tuple[MessageRule, ...] = (
+    MessageRule(ev.Setup, _SRC, same(S.SETUP), same(S.SETUP)),
+    MessageRule(ev.SetupAck, _DST, to(S.ACTIVE, S.SETUP), to(S.ACTIVE, S.SETUP)),
+    # Precopy pages, final pages, postcopy pushes and answers.  The destination also
+    # accepts them in READY (a BULK or URGENT frame sent after Commit can overtake the
+    # Commit on MAIN), in the paused states (a BULK thread finishing its frame) and in
+    # COMPLETED (crossed CompleteAck): a page is installed only if still missing.
+    *(
+        MessageRule(
+            t,
+            _SRC,
+            same(S.ACTIVE, S.SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED),
+            same(
+                S.ACTIVE,
+                S.SWITCHOVER,
+                S.READY,
+                S.POSTCOPY_ACTIVE,
+                S.POSTCOPY_PAUSED,
+                S.POSTCOPY_RECOVER,
+                S.COMPLETED,
+            ),
+        )
+        for t in (ev.Pages, ev.ZeroPages)
     ),
-    ((S.ACTIVE,), _SENT, (ev.Switchover,), S.SWITCHOVER),
-    ((S.SWITCHOVER,), _SENT, (ev.Pages, ev.ZeroPages, ev.Discard, ev.DiscardBitmap), None),
-    ((S.SWITCHOVER,), _SENT, (ev.VmState,), S.DEVICE),
-    ((S.SETUP, S.ACTIVE, S.SWITCHOVER), _SENT, (ev.Cancel,), S.CANCELLED),
-    ((S.SETUP, S.ACTIVE, S.SWITCHOVER), _SENT, (ev.Error,), S.FAILED),
-    ((S.SETUP, S.ACTIVE, S.SWITCHOVER, S.DEVICE), _RECV, (ev.Error,), S.FAILED),
-    ((S.SETUP, S.ACTIVE, S.SWITCHOVER), _LOCAL, (ev.LinkLost,), S.FAILED),
-    (_OPEN_CHANNELS, _SENT, (ev.Progress,), None),
-    (_OPEN_CHANNELS, _RECV, (ev.Progress,), None),
-    # DEVICE: the guest may already run on the destination.
-    ((S.DEVICE,), _SENT, (ev.Pages, ev.ZeroPages), None),
-    ((S.DEVICE,), _RECV, (ev.Running, ev.PageRequest), S.POSTCOPY_ACTIVE),
-    ((S.DEVICE,), _SENT, (ev.Error,), S.POSTCOPY_PAUSED),
-    ((S.DEVICE,), _LOCAL, (ev.LinkLost,), S.POSTCOPY_PAUSED),
-    # Postcopy.
-    ((S.POSTCOPY_ACTIVE,), _SENT, (ev.Pages, ev.ZeroPages, ev.AllSent), None),
-    ((S.POSTCOPY_ACTIVE,), _RECV, (ev.PageRequest,), None),
-    ((S.POSTCOPY_ACTIVE,), _RECV, (ev.Complete,), S.COMPLETED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _SENT, (ev.Error,), S.POSTCOPY_PAUSED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _RECV, (ev.Error,), S.POSTCOPY_PAUSED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _LOCAL, (ev.LinkLost,), S.POSTCOPY_PAUSED),
-    # Paused and recovering.
-    ((S.POSTCOPY_PAUSED,), _LOCAL, (ev.LinkLost,), None),
-    ((S.POSTCOPY_PAUSED,), _LOCAL, (ev.BeginRecovery,), S.POSTCOPY_RECOVER),
-    ((S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER), _LOCAL, (ev.Abandon,), S.FAILED),
-    ((S.POSTCOPY_PAUSED,), _SENT, (ev.Hello,), S.POSTCOPY_RECOVER),
-    ((S.POSTCOPY_PAUSED,), _SENT, (ev.Error,), None),
-    ((S.POSTCOPY_PAUSED,), _RECV, (ev.Error,), None),
-    ((S.POSTCOPY_RECOVER,), _SENT, (ev.Hello,), None),
-    ((S.POSTCOPY_RECOVER,), _RECV, (ev.Welcome,), None),
-    ((S.POSTCOPY_RECOVER,), _RECV, (ev.ReceivedBitmap,), S.POSTCOPY_ACTIVE),
-    # Completed: late messages that crossed Complete are tolerated (and ignored).
-    ((S.COMPLETED,), _SENT, (ev.CompleteAck, ev.AllSent, ev.Progress, ev.Error), None),
-    ((S.COMPLETED,), _RECV, (ev.PageRequest, ev.Progress, ev.Error), None),
-    ((S.COMPLETED,), _LOCAL, (ev.LinkLost,), None),
-    (_DONE, _SENT, (ev.Error,), None),
-    (_DONE, _RECV, (ev.Error,), None),
-    (_DONE, _LOCAL, (ev.LinkLost,), None),
-]
-
-_DEST_RULES: list[_Rule] = [
-    (_OPEN_CHANNELS, _RECV, (ev.Hello,), None),
-    (_OPEN_CHANNELS, _SENT, (ev.Welcome,), None),
-    ((S.SETUP,), _RECV, (ev.Setup,), None),
-    ((S.SETUP,), _SENT, (ev.SetupAck,), S.ACTIVE),
-    (
-        (S.ACTIVE,),
-        _RECV,
-        (ev.Pages, ev.ZeroPages, ev.Discard, ev.DiscardBitmap, ev.PrecopyRoundEnd),
-        None,
+    *(
+        MessageRule(t, _SRC, same(S.ACTIVE, S.SWITCHOVER), same(S.ACTIVE, S.SWITCHOVER))
+        for t in (ev.Discard, ev.DiscardBitmap)
     ),
-    ((S.ACTIVE,), _RECV, (ev.Switchover,), S.SWITCHOVER),
-    ((S.SWITCHOVER,), _RECV, (ev.Pages, ev.ZeroPages, ev.Discard, ev.DiscardBitmap), None),
-    ((S.SWITCHOVER,), _RECV, (ev.VmState,), S.DEVICE),
-    ((S.SETUP, S.ACTIVE, S.SWITCHOVER), _RECV, (ev.Cancel,), S.CANCELLED),
-    (_PRE_RUN, _SENT, (ev.Error,), S.FAILED),
-    (_PRE_RUN, _RECV, (ev.Error,), S.FAILED),
-    (_PRE_RUN, _LOCAL, (ev.LinkLost,), S.FAILED),
-    (_OPEN_CHANNELS, _SENT, (ev.Progress,), None),
-    (_OPEN_CHANNELS, _RECV, (ev.Progress,), None),
-    ((S.DEVICE,), _RECV, (ev.Pages, ev.ZeroPages), None),
-    ((S.DEVICE,), _SENT, (ev.Running,), S.POSTCOPY_ACTIVE),
-    ((S.POSTCOPY_ACTIVE,), _RECV, (ev.Pages, ev.ZeroPages, ev.AllSent), None),
-    ((S.POSTCOPY_ACTIVE,), _SENT, (ev.PageRequest, ev.Complete), None),
-    ((S.POSTCOPY_ACTIVE,), _RECV, (ev.CompleteAck,), S.COMPLETED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _SENT, (ev.Error,), S.POSTCOPY_PAUSED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _RECV, (ev.Error,), S.POSTCOPY_PAUSED),
-    ((S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER), _LOCAL, (ev.LinkLost,), S.POSTCOPY_PAUSED),
-    ((S.POSTCOPY_PAUSED,), _LOCAL, (ev.LinkLost,), None),
-    ((S.POSTCOPY_PAUSED,), _LOCAL, (ev.BeginRecovery,), S.POSTCOPY_RECOVER),
-    ((S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER), _LOCAL, (ev.Abandon,), S.FAILED),
-    ((S.POSTCOPY_PAUSED,), _RECV, (ev.Hello,), S.POSTCOPY_RECOVER),
-    ((S.POSTCOPY_PAUSED,), _SENT, (ev.Error,), None),
-    ((S.POSTCOPY_PAUSED,), _RECV, (ev.Error,), None),
-    ((S.POSTCOPY_RECOVER,), _RECV, (ev.Hello,), None),
-    ((S.POSTCOPY_RECOVER,), _SENT, (ev.Welcome,), None),
-    ((S.POSTCOPY_RECOVER,), _SENT, (ev.ReceivedBitmap,), S.POSTCOPY_ACTIVE),
-    ((S.COMPLETED,), _RECV, (ev.Pages, ev.ZeroPages, ev.AllSent, ev.Progress, ev.Error), None),
-    ((S.COMPLETED,), _SENT, (ev.Progress, ev.Error), None),
-    ((S.COMPLETED,), _LOCAL, (ev.LinkLost,), None),
-    (_DONE, _SENT, (ev.Error,), None),
-    (_DONE, _RECV, (ev.Error,), None),
-    (_DONE, _LOCAL, (ev.LinkLost,), None),
-]
+    MessageRule(ev.PrecopyRoundEnd, _SRC, same(S.ACTIVE), same(S.ACTIVE)),
+    # The ack crosses Switchover and VmState; a source that gave up ignores it.
+    MessageRule(
+        ev.PrecopyRoundAck,
+        _DST,
+        same(S.ACTIVE),
+        same(S.ACTIVE, S.SWITCHOVER, S.DEVICE, *_ENDED),
+    ),
+    MessageRule(ev.Switchover, _SRC, to(S.SWITCHOVER, S.ACTIVE), to(S.SWITCHOVER, S.ACTIVE)),
+    MessageRule(ev.VmState, _SRC, to(S.DEVICE, S.SWITCHOVER), to(S.DEVICE, S.SWITCHOVER)),
+    # Ready again on a resumed MAIN (the destination still waits); a source that is
+    # recovering stays there and answers Commit, one that gave up answers Cancel.
+    MessageRule(
+        ev.Ready,
+        _DST,
+        {S.DEVICE: S.READY, S.READY: S.READY},
+        {S.DEVICE: S.READY, S.POSTCOPY_RECOVER: S.POSTCOPY_RECOVER, **same(*_ENDED)},
+    ),
+    MessageRule(
+        ev.Commit,
+        _SRC,
+        to(S.POSTCOPY_ACTIVE, S.READY, S.POSTCOPY_RECOVER),
+        to(S.POSTCOPY_ACTIVE, S.READY),
+    ),
+    # Informational: the source may have completed already when it arrives.
+    MessageRule(ev.Running, _DST, same(S.POSTCOPY_ACTIVE), same(S.POSTCOPY_ACTIVE, S.COMPLETED)),
+    # A request crossing Complete on another connection arrives in COMPLETED.
+    MessageRule(
+        ev.PageRequest, _DST, same(S.POSTCOPY_ACTIVE), same(S.POSTCOPY_ACTIVE, S.COMPLETED)
+    ),
+    MessageRule(ev.AllSent, _SRC, same(S.POSTCOPY_ACTIVE), same(S.POSTCOPY_ACTIVE, S.COMPLETED)),
+    # Every page is installed: the destination needs nothing more of the source and is
+    # done once it says so.  A source that missed it (the link broke) reconnects and is
+    # told again on the resumed MAIN.  CompleteAck is a courtesy.
+    MessageRule(
+        ev.Complete,
+        _DST,
+        to(S.COMPLETED, S.POSTCOPY_ACTIVE, S.COMPLETED),
+        to(S.COMPLETED, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.COMPLETED),
+    ),
+    MessageRule(ev.CompleteAck, _SRC, same(S.COMPLETED), same(S.COMPLETED)),
+    # Cancel until the commit; a source that gave up (FAILED) withdraws a destination
+    # left in READY with it on a resumed MAIN.
+    MessageRule(
+        ev.Cancel,
+        _SRC,
+        {**to(S.CANCELLED, *BEFORE_COMMIT), **same(*_ENDED)},
+        {**to(S.CANCELLED, *BEFORE_COMMIT), **same(*_ENDED)},
+    ),
+    MessageRule(
+        ev.ReceivedBitmap,
+        _DST,
+        to(S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER),
+        to(S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER),
+    ),
+    MessageRule(ev.Progress, _SRC, same(*_ANY), same(*_ANY)),
+    MessageRule(ev.Progress, _DST, same(*_ANY), same(*_ANY)),
+)
+
+#: Error, per role, sent or received on an open connection (an Error that refuses a
+#: Hello only ends that connection: :class:`~migrated.protocol.session.Session`).
+ERROR_RULES: dict[Role, Moves] = {
+    _SRC: {
+        **to(S.FAILED, *BEFORE_COMMIT),
+        **to(S.POSTCOPY_PAUSED, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED),
+        **same(S.COMPLETED, *_ENDED),
+    },
+    _DST: {
+        **to(S.FAILED, S.SETUP, S.ACTIVE, S.SWITCHOVER, S.DEVICE),
+        S.READY: S.READY,  # in doubt: never discard a state the source may have committed
+        **to(S.POSTCOPY_PAUSED, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED),
+        **same(S.COMPLETED, *_ENDED),
+    },
+}
+
+#: Local events per role.
+LOCAL_RULES: dict[tuple[Role, type], Moves] = {
+    (_SRC, ev.LinkLost): ERROR_RULES[_SRC],
+    (_DST, ev.LinkLost): ERROR_RULES[_DST],
+    (_SRC, ev.BeginRecovery): to(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED),
+    (_DST, ev.BeginRecovery): to(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED),
+    (_SRC, ev.Abandon): to(S.FAILED, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER),
+    (_DST, ev.Abandon): to(S.FAILED, S.READY, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER),
+}
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A kind of connection (channel, resume) and the states in which the source may
+    open it and the destination accepts it."""
+
+    sender: tuple[MigrationState, ...]
+    receiver: tuple[MigrationState, ...]
+
+
+_M, _U, _B = ChannelRole.MAIN, ChannelRole.URGENT, ChannelRole.BULK
+
+#: (channel, resume) -> where it may be opened.  A fresh MAIN opens the session; a
+#: resumed MAIN recovers it (or, from a source that gave up, withdraws it); URGENT and
+#: BULK may overtake the message that made the source open them.
+OPENING: dict[tuple[ChannelRole, bool], Opening] = {
+    (_M, False): Opening((S.SETUP,), (S.SETUP,)),
+    (_U, False): Opening(
+        (S.ACTIVE, S.SWITCHOVER, S.DEVICE, S.READY, S.POSTCOPY_ACTIVE),
+        (S.ACTIVE, S.SWITCHOVER, S.DEVICE, S.READY, S.POSTCOPY_ACTIVE),
+    ),
+    (_B, False): Opening((S.POSTCOPY_ACTIVE,), (S.READY, S.POSTCOPY_ACTIVE)),
+    (_M, True): Opening(
+        (S.POSTCOPY_RECOVER, *_ENDED),
+        (S.READY, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER, S.COMPLETED),
+    ),
+    (_U, True): Opening((S.POSTCOPY_ACTIVE,), (S.READY, S.POSTCOPY_ACTIVE)),
+    (_B, True): Opening((S.POSTCOPY_ACTIVE,), (S.READY, S.POSTCOPY_ACTIVE)),
+}
+
+#: Before the commit, page frames travel on MAIN only: they must stay ordered with the
+#: Discards that invalidate them and with VmState.  Afterwards any channel carries them.
+PAGE_FRAMES = (ev.Pages, ev.ZeroPages)
+
+
+def page_channel_allowed(state: MigrationState, channel: ChannelRole) -> bool:
+    """Whether a page frame may travel on ``channel`` when its sender is in ``state``
+    (the receiver checks against its own state, which is at least as far)."""
+    return channel is ChannelRole.MAIN or state not in (S.ACTIVE, S.SWITCHOVER)
+
+
+SESSION_EVENT_TYPES: tuple[type, ...] = (
+    tuple(t for t in ev.WIRE_EVENT_TYPES if t not in (ev.Hello, ev.Welcome)) + ev.LOCAL_EVENT_TYPES
+)
 
 TableKey = tuple[Role, MigrationState, Direction, type]
 TABLE: dict[TableKey, MigrationState | Refusal] = {}
@@ -250,11 +287,11 @@ def _refusal(role: Role, state: MigrationState, direction: Direction, t: type) -
     sender = role if direction is Direction.SENT else role.peer
     if sender not in SENDERS[t]:
         return Refusal(ev.ErrorCode.UNEXPECTED, f"the {sender.value} never sends {name}")
-    if t is ev.Cancel and state in (S.DEVICE, *_AFTER_PNR):
+    if t is ev.Cancel and state not in BEFORE_COMMIT:
         return Refusal(
             ev.ErrorCode.CANCEL_REFUSED,
-            f"Cancel refused in state {state.value}: the destination may run the guest; "
-            "postcopy cannot be cancelled",
+            f"Cancel refused in state {state.value}: the source has committed the VM to "
+            "the destination; postcopy cannot be cancelled",
         )
     verb = "send" if direction is Direction.SENT else "receive"
     return Refusal(
@@ -263,15 +300,26 @@ def _refusal(role: Role, state: MigrationState, direction: Direction, t: type) -
     )
 
 
+def _put(key: TableKey, target: MigrationState) -> None:
+    if key in TABLE:
+        raise RuntimeError(f"duplicate transition rule {key}")
+    TABLE[key] = target
+
+
 def _build() -> None:
-    for role, rules in ((Role.SOURCE, _SOURCE_RULES), (Role.DESTINATION, _DEST_RULES)):
-        for states, direction, types, target in rules:
-            for state in states:
-                for t in types:
-                    key = (role, state, direction, t)
-                    if key in TABLE:
-                        raise RuntimeError(f"duplicate transition rule {key}")
-                    TABLE[key] = state if target is None else target
+    for rule in MESSAGE_RULES:
+        for state, target in rule.sent.items():
+            _put((rule.sender, state, _SENT, rule.message), target)
+        for state, target in rule.received.items():
+            _put((rule.sender.peer, state, _RECV, rule.message), target)
+    for role, moves in ERROR_RULES.items():
+        for direction in (_SENT, _RECV):
+            for state, target in moves.items():
+                _put((role, state, direction, ev.Error), target)
+    for (role, t), moves in LOCAL_RULES.items():
+        for state, target in moves.items():
+            _put((role, state, _LOCAL, t), target)
+    for role in Role:
         for state in MigrationState:
             for direction in Direction:
                 for t in SESSION_EVENT_TYPES:
@@ -289,49 +337,28 @@ class SessionState:
     ``handle(event, direction)`` applies the table and returns the new state, or raises
     LocalProtocolError (sent/local event refused) / RemoteProtocolError (received
     event refused) without changing state.
+
+    Threads: one thread (the event loop) makes every transition.  A push or receive
+    thread may feed it page events concurrently: those never change the state, and
+    :meth:`handle` writes nothing when the state stays, so a thread cannot overwrite a
+    transition the loop just made.
     """
 
     def __init__(self, role: Role) -> None:
         self.role = role
         self.state = MigrationState.SETUP
+        #: The last state before the session failed, was cancelled or paused: the
+        #: phase a failure happened in, for messages.
+        self.before_end = MigrationState.SETUP
         self._crossed = False
 
     @property
     def point_of_no_return(self) -> bool:
-        """True once the destination has (or may have) run the guest.  Sticky."""
+        """True once the source sent Commit / the destination received it.  Sticky."""
         return self._crossed
 
-    def handle(
-        self,
-        event: Any,
-        direction: str | Direction,
-        *,
-        channel: ChannelRole = ChannelRole.MAIN,
-    ) -> MigrationState:
-        """Apply one event sent or received on ``channel``; returns the new state."""
-        direction = Direction(direction)
-        t = type(event)
-        state = self.state
-        if (
-            t is ev.Error
-            and direction is Direction.RECEIVED
-            and state is S.DEVICE
-            and self.role is Role.SOURCE
-            and channel is not ChannelRole.MAIN
-        ):
-            # Not ordered with Running: it proves nothing about the guest.
-            return self._apply(ev.LinkLost(), Direction.LOCAL)
-        if t is ev.Hello:
-            needs_resume = state in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
-            if (needs_resume and not event.resume) or (state in _PRE_RUN and event.resume):
-                error = LocalProtocolError if direction is Direction.SENT else RemoteProtocolError
-                raise error(
-                    f"Hello(resume={event.resume}) is not allowed in state {state.value}",
-                    code=ev.ErrorCode.UNEXPECTED,
-                )
-        return self._apply(event, direction)
-
-    def _apply(self, event: Any, direction: Direction) -> MigrationState:
+    def check(self, event: Any, direction: Direction) -> MigrationState:
+        """The state ``event`` would lead to; raises like :meth:`handle`, changes nothing."""
         entry = TABLE.get((self.role, self.state, direction, type(event)))
         if entry is None:
             entry = Refusal(ev.ErrorCode.PROTOCOL, f"{type(event).__name__} is not an event")
@@ -339,22 +366,42 @@ class SessionState:
             if direction is Direction.RECEIVED:
                 raise RemoteProtocolError(entry.reason, code=entry.code)
             raise LocalProtocolError(entry.reason, code=entry.code)
-        self.state = entry
-        if entry in _AFTER_PNR:
+        return entry
+
+    def handle(self, event: Any, direction: Direction) -> MigrationState:
+        """Apply one event; returns the new state."""
+        entry = self.check(event, direction)
+        if entry is not self.state:
+            if entry in _STOPS and self.state not in _STOPS:
+                self.before_end = self.state
+            self.state = entry
+        if type(event) is ev.Commit:
             self._crossed = True
         return entry
 
     def link_lost(self) -> MigrationState:
-        """A channel failed: POSTCOPY_PAUSED past the point of no return, else FAILED."""
-        return self._apply(ev.LinkLost(), Direction.LOCAL)
+        """A channel failed: see :data:`ERROR_RULES`."""
+        return self.handle(ev.LinkLost(), Direction.LOCAL)
 
     def begin_recovery(self) -> MigrationState:
         """Start the recovery handshake: POSTCOPY_PAUSED → POSTCOPY_RECOVER."""
-        return self._apply(ev.BeginRecovery(), Direction.LOCAL)
+        return self.handle(ev.BeginRecovery(), Direction.LOCAL)
 
     def abandon(self) -> MigrationState:
-        """Give up a paused postcopy migration: → FAILED (point of no return stays crossed)."""
-        return self._apply(ev.Abandon(), Direction.LOCAL)
+        """The operator gives up an in-doubt or paused session: → FAILED (a crossed
+        point of no return stays crossed)."""
+        return self.handle(ev.Abandon(), Direction.LOCAL)
+
+    def may_open(self, channel: ChannelRole, resume: bool, direction: Direction) -> bool:
+        """Whether a connection of this kind may be opened (SENT: by us, the source) or
+        accepted (RECEIVED: by us, the destination) now."""
+        opening = OPENING[(channel, resume)]
+        states = opening.sender if direction is Direction.SENT else opening.receiver
+        # A source that gave up may withdraw a waiting destination (a resumed MAIN in
+        # FAILED or CANCELLED), but one that had committed only recovers.
+        if self._crossed and self.state in _ENDED:
+            return False
+        return self.state in states
 
     def __repr__(self) -> str:
         return (

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from migrated.errors import MigratedError
+from migrated.errors import VmStateError
 from migrated.kernel import VcpuState
 
 from .devices import StatusReport
@@ -23,12 +23,6 @@ __all__ = ["STATE_MAGIC", "STATE_VERSION", "MemoryRegionInfo", "VmState", "VmSta
 
 STATE_MAGIC = "migrated-vmstate"
 STATE_VERSION = 1
-
-
-class VmStateError(MigratedError):
-    """A VM state record is malformed, of another version, or does not fit this VM."""
-
-    hint = "the state record was produced by an incompatible migrated version or is corrupt"
 
 
 @dataclass(frozen=True)

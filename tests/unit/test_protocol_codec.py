@@ -14,6 +14,7 @@ from migrated.protocol import (
     AllSent,
     Cancel,
     ChannelRole,
+    Commit,
     Complete,
     CompleteAck,
     Connection,
@@ -27,8 +28,10 @@ from migrated.protocol import (
     MemoryRegion,
     PageRequest,
     Pages,
+    PrecopyRoundAck,
     PrecopyRoundEnd,
     Progress,
+    Ready,
     ReceivedBitmap,
     Role,
     Running,
@@ -70,6 +73,7 @@ SOURCE_MESSAGES: list[Any] = [
     DiscardBitmap(data(LAYOUT.bitmap_nbytes, 7)),
     PrecopyRoundEnd(3, 1234),
     Switchover(),
+    Commit(),
     VmState(data(1000)),
     VmState(memoryview(b"")),
     Progress(2**63, 0),
@@ -80,6 +84,8 @@ SOURCE_MESSAGES: list[Any] = [
 ]
 DEST_MESSAGES: list[Any] = [
     SetupAck(),
+    PrecopyRoundAck(3, 2**40),
+    Ready(),
     Running(),
     PageRequest(1, 3 * PAGE, 2),
     Progress(0, 17),
@@ -110,9 +116,9 @@ def test_dest_messages_roundtrip(event: Any) -> None:
 
 def test_handshake_messages_roundtrip() -> None:
     lb = Loopback()
-    hello = Hello(3, 1, ChannelRole.MAIN, SID, frozenset({"a", "checksum-crc32"}), False)
+    hello = Hello(3, 2, ChannelRole.MAIN, SID, frozenset({"a", "checksum-crc32"}), False)
     assert roundtrip(lb.source, lb.dest, hello) == hello
-    welcome = Welcome(1, frozenset({"a"}), SID)
+    welcome = Welcome(2, frozenset({"a"}), SID)
     assert roundtrip(lb.dest, lb.source, welcome) == welcome
     bitmap_pair = Loopback(layout=LAYOUT)
     bitmap_pair.handshake(SID, resume=True)
@@ -130,7 +136,7 @@ def conversation_bytes() -> tuple[bytes, list[Any]]:
     """A small multi-frame stream (source → destination) and the events it holds."""
     lb = Loopback(layout=LAYOUT)
     events = [
-        Hello(1, 1, ChannelRole.MAIN, SID, frozenset({"checksum-xxh3"}), False),
+        Hello(2, 2, ChannelRole.MAIN, SID, frozenset({"checksum-xxh3"}), False),
         Pages(0, 1, data(PAGE)),
         ZeroPages(PAGE, 2),
         VmState(data(37)),
@@ -140,7 +146,7 @@ def conversation_bytes() -> tuple[bytes, list[Any]]:
     wire += b"".join(bytes(b) for b in lb.source.send(events[0]))
     lb.dest.receive_data(bytes(wire))
     drain(lb.dest)
-    lb.send(lb.dest, Welcome(1, frozenset({"checksum-xxh3"}), SID))
+    lb.send(lb.dest, Welcome(2, frozenset({"checksum-xxh3"}), SID))
     for event in events[1:]:
         wire += b"".join(bytes(b) for b in lb.source.send(event))
     return bytes(wire), events
@@ -153,7 +159,7 @@ def fresh_dest() -> Connection:
 def answer_welcome(dest: Connection, events: list[Any]) -> None:
     """The destination must answer Hello before it may receive anything else."""
     if dest.hello is not None and dest.welcome is None:
-        dest.send(Welcome(1, frozenset({"checksum-xxh3"}), SID))
+        dest.send(Welcome(2, frozenset({"checksum-xxh3"}), SID))
 
 
 def feed_in_pieces(pieces: list[bytes], *, sink: bool = False) -> list[Any]:
@@ -316,9 +322,9 @@ def test_bad_layout_in_setup() -> None:
     lb.handshake(SID)
     for regions in ([[0, PAGE, 3]], [[0, PAGE, PAGE], [0, PAGE, PAGE]], [], [[1, PAGE, PAGE]]):
         dest = Connection(Role.DESTINATION)
-        dest.receive_data(frame(1, 1, 1, 0, SID, [], False))
+        dest.receive_data(frame(1, 2, 2, 0, SID, [], False))
         dest.next_event()
-        dest.send(Welcome(1, frozenset(), SID))
+        dest.send(Welcome(2, frozenset(), SID))
         dest.receive_data(frame(4, "vm", "u", regions, 1, "postcopy"))
         with pytest.raises(RemoteProtocolError) as exc:
             dest.next_event()

@@ -1,4 +1,11 @@
-"""Whole conversations between two sans-IO endpoints wired in memory."""
+"""Whole conversations between two sans-IO Sessions wired in memory (aioquic's model).
+
+Each side is a real :class:`Session`: it feeds its own table from every event it sends
+or receives on every connection, so nothing here touches a state table by hand.
+Connections are delivered in the order a test chooses, which is how reorderings that
+separate TCP connections allow are reproduced (a PageRequest overtaking Running).
+Time is an argument: heartbeats and silence are tested without sleeping.
+"""
 
 from __future__ import annotations
 
@@ -12,340 +19,367 @@ from migrated.protocol import (
     AllSent,
     Cancel,
     ChannelRole,
+    Commit,
     Complete,
     CompleteAck,
     Connection,
     Discard,
     Error,
     ErrorCode,
+    HandshakeTimeout,
+    HeartbeatDue,
     Hello,
+    LinkSilent,
     MemoryLayout,
     MemoryRegion,
     MigrationState,
     PageRequest,
     Pages,
+    PrecopyRoundAck,
     PrecopyRoundEnd,
     Progress,
+    Ready,
     ReceivedBitmap,
     Role,
     Running,
-    SessionState,
+    Session,
     Setup,
     SetupAck,
     Switchover,
     VmState,
     Welcome,
     ZeroPages,
-    negotiate,
 )
-from migrated.protocol.loopback import Loopback
 
 PAGE = 4096
-LAYOUT = MemoryLayout(
-    (MemoryRegion(0, 64 * PAGE, PAGE), MemoryRegion(1 << 32, 2 * (2 << 20), 2 << 20))
-)
+LAYOUT = MemoryLayout((MemoryRegion(0, 64 * PAGE, PAGE),))
 SID = bytes(range(16))
 S = MigrationState
+M, U, B = ChannelRole.MAIN, ChannelRole.URGENT, ChannelRole.BULK
 
 
-class Session:
-    """Both sides of one migration session: a Loopback per channel + two SessionStates."""
+def page(n: int = 1, fill: int = 7) -> memoryview:
+    return memoryview(bytes([fill]) * (n * PAGE))
 
-    def __init__(self) -> None:
-        self.src = SessionState(Role.SOURCE)
-        self.dst = SessionState(Role.DESTINATION)
-        self.links: dict[ChannelRole, Loopback] = {}
 
-    def open(self, channel: ChannelRole, *, resume: bool = False) -> Loopback:
-        layout = None if channel is ChannelRole.MAIN and not resume else LAYOUT
-        lb = Loopback(channel, layout=layout)
-        self.links[channel] = lb
-        hello = Hello(1, 1, channel, SID, frozenset({"checksum-xxh3"}), resume)
-        self.xfer(channel, Role.SOURCE, hello)
-        self.xfer(channel, Role.DESTINATION, negotiate(lb.dest.hello, frozenset({"checksum-xxh3"})))
-        return lb
+class Wire:
+    """A source Session and a destination Session with their connections in memory."""
 
-    def xfer(self, channel: ChannelRole, sender: Role, event: Any) -> list[Any]:
-        lb = self.links[channel]
-        conn = lb.source if sender is Role.SOURCE else lb.dest
-        mine, theirs = (self.src, self.dst) if sender is Role.SOURCE else (self.dst, self.src)
-        mine.handle(event, "sent", channel=channel)
-        got = lb.send(conn, event)
-        for item in got:
-            theirs.handle(item, "received", channel=channel)
-        return got
+    def __init__(self, *, now: float = 0.0) -> None:
+        self.now = now
+        self.src = Session(Role.SOURCE, SID, layout=LAYOUT, features=frozenset({"checksum-xxh3"}))
+        self.dst = Session(Role.DESTINATION, SID, features=frozenset({"checksum-xxh3"}))
+        self.conns: dict[ChannelRole, tuple[Connection, Connection]] = {}
+        self.queued: dict[tuple[Role, ChannelRole], list[bytes]] = {}
 
-    def src_send(self, event: Any, channel: ChannelRole = ChannelRole.MAIN) -> list[Any]:
-        return self.xfer(channel, Role.SOURCE, event)
+    def open(self, channel: ChannelRole, *, resume: bool = False) -> list[Any]:
+        """Hello → Welcome; returns what the source received after the Welcome."""
+        src_conn, hello = self.src.connect(channel, resume=resume, now=self.now)
+        dst_conn = Connection(Role.DESTINATION, None)
+        dst_conn.receive_data(b"".join(bytes(b) for b in hello))
+        got = dst_conn.next_event()
+        assert isinstance(got, Hello)
+        welcome = self.dst.accept(dst_conn, got, self.now)
+        self.conns[channel] = (src_conn, dst_conn)
+        self.dst_send(welcome, channel)
+        return [e for e in self.deliver(Role.DESTINATION, channel) if not isinstance(e, Welcome)]
 
-    def dst_send(self, event: Any, channel: ChannelRole = ChannelRole.MAIN) -> list[Any]:
-        return self.xfer(channel, Role.DESTINATION, event)
+    def _conn(self, role: Role, channel: ChannelRole) -> Connection:
+        pair = self.conns[channel]
+        return pair[0] if role is Role.SOURCE else pair[1]
 
-    def setup(self) -> None:
-        self.open(ChannelRole.MAIN)
-        self.open(ChannelRole.URGENT)
-        (setup,) = self.src_send(Setup("vm1", "uuid-1", LAYOUT, 2, "postcopy"))
-        assert setup.layout == LAYOUT
+    def send(
+        self, role: Role, event: Any, channel: ChannelRole = M, *, hold: bool = False
+    ) -> list[Any]:
+        """``role`` sends ``event``; unless ``hold``, the peer decodes it at once."""
+        session = self.src if role is Role.SOURCE else self.dst
+        data = b"".join(bytes(b) for b in session.send(self._conn(role, channel), event))
+        self.queued.setdefault((role, channel), []).append(data)
+        return [] if hold else self.deliver(role, channel)
+
+    def src_send(self, event: Any, channel: ChannelRole = M, **kw: Any) -> list[Any]:
+        return self.send(Role.SOURCE, event, channel, **kw)
+
+    def dst_send(self, event: Any, channel: ChannelRole = M, **kw: Any) -> list[Any]:
+        return self.send(Role.DESTINATION, event, channel, **kw)
+
+    def deliver(self, sender: Role, channel: ChannelRole) -> list[Any]:
+        """Everything ``sender`` queued on ``channel``, decoded by the peer's Session."""
+        peer = self.dst if sender is Role.SOURCE else self.src
+        conn = self._conn(sender.peer, channel)
+        for data in self.queued.pop((sender, channel), []):
+            conn.receive_data(data)
+        out = []
+        while (event := peer.next_event(conn)) is not NEED_DATA:
+            out.append(event)
+        return out
+
+    def cut(self, reason: str = "cut") -> None:
+        """Every connection fails on both sides (as a reset would)."""
+        for src_conn, dst_conn in self.conns.values():
+            self.src.connection_lost(src_conn, reason)
+            self.dst.connection_lost(dst_conn, reason)
+        self.conns.clear()
+        self.queued.clear()
+
+    def to_precopy(self) -> None:
+        self.open(M)
+        self.src_send(Setup("vm", "u", LAYOUT, 1, "hybrid"))
         self.dst_send(SetupAck())
-        assert self.src.state is self.dst.state is S.ACTIVE
+        self.open(U)
+        assert self.src.state is S.ACTIVE and self.dst.state is S.ACTIVE
 
-
-def page_bytes(npages: int, fill: int, page_size: int = PAGE) -> memoryview:
-    return memoryview(bytes([fill]) * (npages * page_size))
-
-
-def run_to_postcopy(sess: Session) -> None:
-    sess.setup()
-    (got,) = sess.src_send(Pages(0, 4, page_bytes(4, 1)))
-    assert bytes(got.data) == bytes(page_bytes(4, 1)) and got.gpa == 0 and got.npages == 4
-    assert sess.src_send(ZeroPages(4 * PAGE, 8)) == [ZeroPages(4 * PAGE, 8)]
-    sess.src_send(PrecopyRoundEnd(1, 3))
-    sess.src_send(Progress(16384, 60))
-    sess.dst_send(Progress(0, 0))
-    sess.src_send(Switchover())
-    assert sess.src.state is sess.dst.state is S.SWITCHOVER
-    assert sess.src_send(Discard(PAGE, 2)) == [Discard(PAGE, 2)]
-    sess.src_send(Pages(PAGE, 1, page_bytes(1, 2)))
-    (state,) = sess.src_send(VmState(memoryview(b"cpu+devices")))
-    assert bytes(state.data) == b"cpu+devices"
-    assert sess.src.state is sess.dst.state is S.DEVICE
-    assert not sess.src.point_of_no_return
-    sess.dst_send(Running())
-    assert sess.src.state is sess.dst.state is S.POSTCOPY_ACTIVE
-    assert sess.src.point_of_no_return and sess.dst.point_of_no_return
-
-
-def finish(sess: Session) -> None:
-    (req,) = sess.dst_send(PageRequest(7, 1 << 32, 1), ChannelRole.URGENT)
-    assert req == PageRequest(7, 1 << 32, 1)
-    (ans,) = sess.src_send(Pages(1 << 32, 1, page_bytes(1, 9, 2 << 20), 7), ChannelRole.URGENT)
-    assert ans.request_id == 7 and ans.data.nbytes == 2 << 20
-    sess.src_send(AllSent())
-    sess.dst_send(Complete(LAYOUT.total_pages))
-    assert sess.src.state is S.COMPLETED
-    sess.src_send(CompleteAck())
-    assert sess.src.state is sess.dst.state is S.COMPLETED
+    def to_ready(self) -> None:
+        self.to_precopy()
+        self.src_send(Pages(0, 2, page(2)))
+        self.src_send(PrecopyRoundEnd(1, 1))
+        (ack,) = self.dst_send(PrecopyRoundAck(1, self.dst.payload_bytes))
+        assert ack.bytes_received == 2 * PAGE
+        self.src_send(Switchover())
+        self.src_send(Discard(PAGE, 1))
+        self.src_send(VmState(memoryview(b"state")))
+        self.dst_send(Ready())
+        assert self.src.state is S.READY and self.dst.state is S.READY
 
 
 def test_full_conversation() -> None:
-    sess = Session()
-    run_to_postcopy(sess)
-    finish(sess)
-    assert sess.src.point_of_no_return
+    w = Wire()
+    w.to_ready()
+    assert not w.src.point_of_no_return and not w.dst.point_of_no_return
+    w.src_send(Commit())
+    assert w.src.point_of_no_return and w.dst.point_of_no_return
+    w.dst_send(Running())
+    w.open(B)
+    (req,) = w.dst_send(PageRequest(5, 3 * PAGE, 1), U)
+    assert req.request_id == 5
+    w.src_send(Pages(3 * PAGE, 1, page(), request_id=5), U)
+    w.src_send(ZeroPages(4 * PAGE, 60), B)
+    w.src_send(AllSent())
+    w.dst_send(Complete(64))
+    assert w.src.state is S.COMPLETED and w.dst.state is S.COMPLETED
+    w.src_send(CompleteAck())
+    assert w.src.payload_bytes == 3 * PAGE and w.dst.payload_bytes == 3 * PAGE
 
 
-def test_recovery_conversation() -> None:
-    sess = Session()
-    run_to_postcopy(sess)
-    sess.dst_send(PageRequest(1, 8 * PAGE, 2), ChannelRole.URGENT)
-    # The network breaks: both sides pause, the guest stays on the destination.
-    assert sess.src.link_lost() is S.POSTCOPY_PAUSED
-    assert sess.dst.link_lost() is S.POSTCOPY_PAUSED
-    assert sess.src.begin_recovery() is S.POSTCOPY_RECOVER
-    # A failed first attempt returns to paused.
-    assert sess.src.link_lost() is S.POSTCOPY_PAUSED
-    sess.src.begin_recovery()
-    sess.dst.begin_recovery()
-    sess.open(ChannelRole.MAIN, resume=True)
+def test_a_page_request_may_overtake_running() -> None:
+    """Issue: a PageRequest on URGENT arriving before Running on MAIN paused postcopy."""
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit())
+    w.dst_send(Running(), hold=True)
+    w.dst_send(PageRequest(1, 0, 1), U)
+    assert w.src.state is S.POSTCOPY_ACTIVE
+    assert [type(e) for e in w.deliver(Role.DESTINATION, M)] == [Running]
+    assert w.src.state is S.POSTCOPY_ACTIVE
+
+
+def test_bulk_pages_may_overtake_commit() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit(), hold=True)
+    w.open(B)  # the source opens BULK right after Commit; it can arrive first
+    (pages,) = w.src_send(Pages(8 * PAGE, 1, page()), B)
+    assert w.dst.state is S.READY and pages.npages == 1
+    w.deliver(Role.SOURCE, M)
+    assert w.dst.state is S.POSTCOPY_ACTIVE
+
+
+def test_progress_before_setup_ack_and_a_second_setup_ack() -> None:
+    """Issue: a Progress before SetupAck failed the migration; a duplicated SetupAck
+    was noticed only after switchover."""
+    w = Wire()
+    w.open(M)
+    w.src_send(Setup("vm", "u", LAYOUT, 1, "postcopy"))
+    w.dst_send(Progress(0, 64))
+    w.dst_send(SetupAck())
+    assert w.src.state is S.ACTIVE
+    # A misbehaving peer (its own table would refuse): the second one is refused at once.
+    w.conns[M][0].receive_data(b"".join(bytes(b) for b in w.conns[M][1].send(SetupAck())))
+    with pytest.raises(RemoteProtocolError, match="SetupAck"):
+        w.src.next_event(w.conns[M][0])
+    assert w.src.state is S.ACTIVE
+
+
+@pytest.mark.parametrize("stage", ["precopy", "switchover", "device", "ready"])
+def test_cancel_is_allowed_until_the_commit(stage: str) -> None:
+    w = Wire()
+    w.to_precopy()
+    if stage != "precopy":
+        w.src_send(Switchover())
+    if stage in ("device", "ready"):
+        w.src_send(VmState(memoryview(b"s")))
+    if stage == "ready":
+        w.dst_send(Ready())
+    w.src_send(Cancel("operator"))
+    assert w.src.state is S.CANCELLED and w.dst.state is S.CANCELLED
+    assert not w.src.point_of_no_return
+
+
+def test_cancel_after_the_commit_is_refused() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit())
+    with pytest.raises(LocalProtocolError) as exc:
+        w.src_send(Cancel("too late"))
+    assert exc.value.code == ErrorCode.CANCEL_REFUSED
+    assert w.src.state is S.POSTCOPY_ACTIVE
+
+
+def test_a_refused_state_fails_safely() -> None:
+    w = Wire()
+    w.to_precopy()
+    w.src_send(Switchover())
+    w.src_send(VmState(memoryview(b"s")))
+    w.dst_send(Error(ErrorCode.RESTORE_FAILED, "cannot restore"))
+    assert w.src.state is S.FAILED and not w.src.point_of_no_return
+    assert w.dst.state is S.FAILED
+
+
+def test_link_lost_before_the_commit_leaves_the_vm_on_the_source_and_the_state_in_doubt() -> None:
+    w = Wire()
+    w.to_ready()
+    w.cut("link down")
+    assert w.src.state is S.FAILED and not w.src.point_of_no_return  # resumes the VM
+    assert w.dst.state is S.READY  # never discards: the source might have committed
+    assert w.src.lost_reason == "link down"
+    # The source withdraws: a resumed MAIN, then Cancel.
+    (again,) = w.open(M, resume=True) or [None]
+    w.dst_send(Ready())
+    w.src_send(Cancel("the source resumed the VM"))
+    assert w.dst.state is S.CANCELLED
+    assert again is None
+
+
+def test_commit_lost_in_flight_is_resolved_on_reconnect() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit(), hold=True)
+    w.cut()
+    assert w.src.state is S.POSTCOPY_PAUSED and w.src.point_of_no_return
+    assert w.dst.state is S.READY and not w.dst.point_of_no_return
+    w.src.table.begin_recovery()
+    w.open(M, resume=True)
+    assert [type(e) for e in w.dst_send(Ready())] == [Ready]
+    w.src_send(Commit())
+    assert w.src.state is S.POSTCOPY_ACTIVE and w.dst.state is S.POSTCOPY_ACTIVE
+
+
+def test_recovery_after_the_commit() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit())
+    w.cut()
+    assert w.src.state is S.POSTCOPY_PAUSED and w.dst.state is S.POSTCOPY_PAUSED
+    w.src.table.begin_recovery()
+    w.dst.table.begin_recovery()
+    w.open(M, resume=True)
     bitmap = bytearray(LAYOUT.bitmap_nbytes)
-    bitmap[0] = 0b11111101  # page 1 was discarded, so not received
-    (got,) = sess.dst_send(ReceivedBitmap(memoryview(bitmap)))
-    assert bytes(got.data) == bytes(bitmap)
-    assert sess.src.state is sess.dst.state is S.POSTCOPY_ACTIVE
-    sess.src_send(Pages(PAGE, 1, page_bytes(1, 3)))
-    sess.open(ChannelRole.URGENT, resume=True)
-    finish(sess)
+    bitmap[0] = 0b11
+    (got,) = w.dst_send(ReceivedBitmap(memoryview(bytes(bitmap))))
+    assert isinstance(got, ReceivedBitmap) and bytes(got.data)[0] == 0b11
+    assert w.src.state is S.POSTCOPY_ACTIVE and w.dst.state is S.POSTCOPY_ACTIVE
+    w.open(U, resume=True)
 
 
-def test_resumed_main_must_send_bitmap_first() -> None:
-    lb = Loopback(layout=LAYOUT)
-    lb.handshake(SID, resume=True)
-    with pytest.raises(LocalProtocolError):
-        lb.dest.send(Progress(0, 0))
-    bitmap = memoryview(bytes(LAYOUT.bitmap_nbytes))
-    assert lb.send(lb.dest, ReceivedBitmap(bitmap))[0].data == bitmap
-    with pytest.raises(LocalProtocolError):
-        lb.dest.send(ReceivedBitmap(bitmap))
+def test_completion_missed_by_the_source_is_repeated_on_reconnect() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit())
+    w.dst_send(Complete(64), hold=True)
+    assert w.dst.state is S.COMPLETED
+    w.cut()
+    assert w.src.state is S.POSTCOPY_PAUSED and w.dst.state is S.COMPLETED
+    w.src.table.begin_recovery()
+    w.open(M, resume=True)
+    w.dst_send(Complete(64))
+    assert w.src.state is S.COMPLETED
 
 
-def test_cancel_before_switchover() -> None:
-    sess = Session()
-    sess.setup()
-    sess.src_send(Pages(0, 1, page_bytes(1, 1)))
-    sess.src_send(Cancel("operator asked"))
-    assert sess.src.state is sess.dst.state is S.CANCELLED
-    assert not sess.src.point_of_no_return
+def test_pages_travel_on_main_until_the_commit() -> None:
+    w = Wire()
+    w.to_precopy()
+    with pytest.raises(LocalProtocolError, match="MAIN only"):
+        w.src_send(Pages(0, 1, page()), U)
 
 
-def test_cancel_after_running_is_refused() -> None:
-    sess = Session()
-    run_to_postcopy(sess)
-    with pytest.raises(LocalProtocolError) as local:
-        sess.src.handle(Cancel("too late"), "sent")
-    assert local.value.code == ErrorCode.CANCEL_REFUSED
-    with pytest.raises(RemoteProtocolError) as remote:
-        sess.dst.handle(Cancel("too late"), "received")
-    assert remote.value.code == ErrorCode.CANCEL_REFUSED
-    assert sess.src.state is sess.dst.state is S.POSTCOPY_ACTIVE
+def test_a_refused_bulk_connection_leaves_the_session_alone() -> None:
+    w = Wire()
+    w.to_ready()
+    w.src_send(Commit())
+    conn, _hello = w.src.connect(B, resume=False, now=0)
+    w.src.connection_lost(conn, "refused")
+    assert w.src.state is S.POSTCOPY_ACTIVE
 
 
-def test_destination_refuses_vm_state_before_running() -> None:
-    sess = Session()
-    sess.setup()
-    sess.src_send(Switchover())
-    sess.src_send(VmState(memoryview(b"x")))
-    sess.dst_send(Error("internal", "cannot load device state"))
-    assert sess.src.state is sess.dst.state is S.FAILED
-    assert not sess.src.point_of_no_return  # the source may resume the VM
+def test_heartbeat_and_silence_without_sleeping() -> None:
+    w = Wire(now=100.0)
+    w.to_precopy()
+    src = w.src
+    assert src.next_timer() == pytest.approx(101.0)  # the first heartbeat is due
+    assert src.handle_timer(100.5) == []
+    (due,) = src.handle_timer(101.0)
+    assert isinstance(due, HeartbeatDue) and due.conn is w.conns[M][0]
+    assert isinstance(src.heartbeat(), Progress)
+    events = src.handle_timer(105.2)
+    silent = [e for e in events if isinstance(e, LinkSilent)]
+    assert silent and silent[0].silent_s == pytest.approx(5.2)
+    assert silent[0].reason == "no heartbeat from the destination for 5.2 s"
+    assert src.state is S.FAILED and src.lost_reason == silent[0].reason
 
 
-def test_link_lost_in_device_state_pauses_the_source() -> None:
-    sess = Session()
-    sess.setup()
-    sess.src_send(Switchover())
-    sess.src_send(VmState(memoryview(b"x")))
-    assert sess.src.link_lost() is S.POSTCOPY_PAUSED
-    assert sess.src.point_of_no_return
-    assert sess.dst.link_lost() is S.FAILED
+def test_bytes_keep_the_link_alive() -> None:
+    w = Wire(now=0.0)
+    w.to_precopy()
+    w.src.data_received(w.conns[M][0], 4.0)
+    assert not [e for e in w.src.handle_timer(6.0) if isinstance(e, LinkSilent)]
+    assert [e for e in w.src.handle_timer(9.5) if isinstance(e, LinkSilent)]
 
 
-def test_error_on_urgent_in_device_state_counts_as_link_loss() -> None:
-    src = SessionState(Role.SOURCE)
-    for event, direction in [
-        (SetupAck(), "received"),
-        (Switchover(), "sent"),
-        (VmState(memoryview(b"")), "sent"),
-    ]:
-        src.handle(event, direction)
-    src.handle(Error("x", "y"), "received", channel=ChannelRole.URGENT)
-    assert src.state is S.POSTCOPY_PAUSED
+def test_handshake_deadline() -> None:
+    src = Session(Role.SOURCE, SID, layout=LAYOUT, handshake_timeout_s=10.0)
+    conn, _ = src.connect(M, resume=False, now=0.0)
+    assert src.next_timer() == 10.0
+    (due,) = src.handle_timer(10.0)
+    assert isinstance(due, HandshakeTimeout) and due.conn is conn
 
 
-def test_link_lost_before_switchover_fails_safely() -> None:
-    sess = Session()
-    sess.setup()
-    assert sess.src.link_lost() is S.FAILED
-    assert not sess.src.point_of_no_return
-
-
-def test_abandon_keeps_point_of_no_return() -> None:
-    sess = Session()
-    run_to_postcopy(sess)
-    sess.src.link_lost()
-    assert sess.src.abandon() is S.FAILED
-    assert sess.src.point_of_no_return
-
-
-def test_resume_hello_rules() -> None:
-    state = SessionState(Role.DESTINATION)
-    with pytest.raises(RemoteProtocolError):
-        state.handle(Hello(1, 1, ChannelRole.MAIN, SID, frozenset(), True), "received")
-    paused = SessionState(Role.DESTINATION)
-    for event, direction in [
-        (SetupAck(), "sent"),
-        (Switchover(), "received"),
-        (VmState(memoryview(b"")), "received"),
-        (Running(), "sent"),
-    ]:
-        paused.handle(event, direction)
-    paused.link_lost()
-    with pytest.raises(RemoteProtocolError):
-        paused.handle(Hello(1, 1, ChannelRole.MAIN, SID, frozenset(), False), "received")
-    paused.handle(Hello(1, 1, ChannelRole.MAIN, SID, frozenset(), True), "received")
-    assert paused.state is S.POSTCOPY_RECOVER
-
-
-def test_version_refusal_names_both_versions() -> None:
-    lb = Loopback()
-    (hello,) = lb.send(lb.source, Hello(7, 5, ChannelRole.MAIN, SID, frozenset(), False))
-    with pytest.raises(RemoteProtocolError) as exc:
-        negotiate(hello, frozenset())
-    assert exc.value.code == ErrorCode.VERSION
-    assert "5..7" in str(exc.value) and "1..1" in str(exc.value)
-    (err,) = lb.send(lb.dest, Error(exc.value.code, str(exc.value)))
-    assert err.code == "version"
-    with pytest.raises(LocalProtocolError):
-        lb.source.send(Setup("vm", "u", LAYOUT, 1, "postcopy"))
-
-
-def test_feature_negotiation_picks_checksum() -> None:
-    for offered, accepted, algo in [
-        ({"checksum-xxh3", "checksum-crc32"}, {"checksum-crc32", "checksum-xxh3"}, "xxh3"),
-        ({"checksum-crc32", "future-thing"}, {"checksum-crc32", "checksum-xxh3"}, "crc32"),
-        ({"checksum-xxh3"}, {"checksum-crc32"}, None),
-    ]:
-        lb = Loopback()
-        _, welcome = lb.handshake(
-            SID, source_features=frozenset(offered), dest_features=frozenset(accepted)
+def test_a_version_1_peer_gets_a_clear_refusal() -> None:
+    dst = Session(Role.DESTINATION, SID)
+    conn = Connection(Role.DESTINATION, None)
+    conn.receive_data(
+        b"".join(
+            bytes(b)
+            for b in Connection(Role.SOURCE, M).send(Hello(1, 1, M, SID, frozenset(), False))
         )
-        assert welcome.features == frozenset(offered) & frozenset(accepted)
-        assert lb.source.checksum == lb.dest.checksum == algo
-
-
-def test_welcome_must_match_hello() -> None:
-    lb = Loopback()
-    lb.send(lb.source, Hello(1, 1, ChannelRole.MAIN, SID, frozenset(), False))
-    with pytest.raises(LocalProtocolError):
-        lb.dest.send(Welcome(1, frozenset({"checksum-xxh3"}), SID))  # never offered
-    with pytest.raises(LocalProtocolError):
-        lb.dest.send(Welcome(1, frozenset(), bytes(16)))  # other session
-
-
-def test_nothing_before_welcome() -> None:
-    src = Connection(Role.SOURCE)
-    with pytest.raises(LocalProtocolError):
-        src.send(Setup("vm", "u", LAYOUT, 1, "postcopy"))
-    dst = Connection(Role.DESTINATION)
-    with pytest.raises(LocalProtocolError):
-        dst.send(Welcome(1, frozenset(), SID))
-    lb = Loopback()
-    lb.send(lb.source, Hello(1, 1, ChannelRole.MAIN, SID, frozenset(), False))
-    with pytest.raises(LocalProtocolError):
-        lb.source.send(Progress(0, 0))
-
-
-def test_channel_rules() -> None:
-    lb = Loopback(ChannelRole.BULK, layout=LAYOUT)
-    lb.handshake(SID)
-    with pytest.raises(LocalProtocolError):
-        lb.source.send(Switchover())
-    with pytest.raises(LocalProtocolError):
-        lb.dest.send(PageRequest(1, 0, 1))
-    # A peer breaking the rule is caught on receipt.
-    rogue = Loopback(ChannelRole.MAIN, layout=LAYOUT)
-    rogue.handshake(SID)
-    frames = rogue.source.send(Switchover())
-    lb.dest.receive_data(bytes(frames[0]))
-    with pytest.raises(RemoteProtocolError) as exc:
-        lb.dest.next_event()
-    assert exc.value.code == ErrorCode.UNEXPECTED
-
-
-def test_clean_eof_and_truncation() -> None:
-    lb = Loopback()
-    lb.handshake(SID)
-    lb.dest.receive_data(b"")
-    assert type(lb.dest.next_event()).__name__ == "ConnectionClosed"
-    lb2 = Loopback()
-    frame = b"".join(
-        bytes(b) for b in lb2.source.send(Hello(1, 1, ChannelRole.MAIN, SID, frozenset()))
     )
-    lb2.dest.receive_data(frame[:-1])
-    assert lb2.dest.next_event() is NEED_DATA
-    lb2.dest.receive_data(b"")
+    hello = conn.next_event()
     with pytest.raises(RemoteProtocolError) as exc:
-        lb2.dest.next_event()
-    assert exc.value.code == ErrorCode.TRUNCATED
+        dst.accept(conn, hello, 0.0)
+    assert exc.value.code == ErrorCode.VERSION
+    assert "1..1" in str(exc.value) and "2..2" in str(exc.value)
 
 
-def test_accepting_destination_adopts_the_announced_channel() -> None:
-    for channel in ChannelRole:
-        src = Connection(Role.SOURCE, channel, layout=LAYOUT)
-        dst = Connection(Role.DESTINATION, None, layout=LAYOUT)
-        assert dst.channel is None
-        for buf in src.send(Hello(1, 1, channel, SID, frozenset(), False)):
-            dst.receive_data(bytes(buf))
-        assert type(dst.next_event()) is Hello
-        assert dst.channel is channel
-    with pytest.raises(ValueError):
-        Connection(Role.SOURCE, None)
+def test_an_empty_version_range_is_a_bad_frame() -> None:
+    dst = Session(Role.DESTINATION, SID)
+    conn = Connection(Role.DESTINATION, None)
+    conn.receive_data(
+        b"".join(
+            bytes(b)
+            for b in Connection(Role.SOURCE, M).send(Hello(2, 3, M, SID, frozenset(), False))
+        )
+    )
+    with pytest.raises(RemoteProtocolError) as exc:
+        dst.accept(conn, conn.next_event(), 0.0)
+    assert exc.value.code == ErrorCode.BAD_FRAME
+
+
+def test_a_second_session_is_refused_as_busy() -> None:
+    w = Wire()
+    w.to_precopy()
+    other = Session(Role.SOURCE, bytes(16), layout=LAYOUT)
+    _conn, hello = other.connect(M, resume=False, now=0)
+    dst_conn = Connection(Role.DESTINATION, None)
+    dst_conn.receive_data(b"".join(bytes(b) for b in hello))
+    with pytest.raises(RemoteProtocolError) as exc:
+        w.dst.accept(dst_conn, dst_conn.next_event(), 0.0)
+    assert exc.value.code == ErrorCode.SESSION_UNKNOWN
