@@ -1,13 +1,4 @@
-"""``migrated``: the command line.
-
-Exit codes (documented in the README and `migrated --help`):
-
-0  completed
-1  failed, and the VM is still running on the source
-2  usage or configuration error (nothing was changed)
-3  postcopy interrupted: the VM is on the destination, do not restart the source
-4  VM state unknown: check both hosts before doing anything
-"""
+"""``migrated``: the command line.  Exit codes: see :data:`EXIT_CODES` (and the README)."""
 
 from __future__ import annotations
 
@@ -15,18 +6,21 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 from typing import Any
 
 from migrated.errors import ConfigError, MigratedError
+from migrated.ui import Printer
 
 EXIT_CODES = """exit codes:
   0  completed
-  1  failed; the VM is still running on the source
-  2  usage or configuration error
-  3  postcopy interrupted: the VM lives on the destination, do NOT restart the source;
-     recover with `migrated recover`
-  4  VM state unknown: check both hosts with `migrated status` first"""
+  1  failed before the commit: the VM runs on the source, unchanged
+  2  usage or configuration error: nothing was changed
+  3  postcopy paused: the VM runs on the destination, do NOT restart the source; the
+     source keeps reconnecting: `migrated recover` (or the same `send` again) resumes
+  4  the VM process went away: check both hosts with `migrated status` first
+  5  not valid in the current state: nothing was changed (the message says why)"""
 
 
 def _loop_policy() -> None:
@@ -35,79 +29,45 @@ def _loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-class Printer:
-    """Events to stdout as JSON lines (--json) or to stderr as short human lines."""
-
-    def __init__(self, as_json: bool, *, progress: bool = True) -> None:
-        self.as_json = as_json
-        self.tty = sys.stderr.isatty()
-        self.progress = progress
-        self._line_open = False
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if self.as_json:
-            print(json.dumps(event), flush=True)
-            return
-        kind = event.get("event")
-        if kind == "progress":
-            if self.progress and self.tty:
-                sys.stderr.write("\r\033[K" + _progress_text(event))
-                sys.stderr.flush()
-                self._line_open = True
-            return
-        if self._line_open:
-            sys.stderr.write("\n")
-            self._line_open = False
-        if kind == "result":
-            return  # printed by the command
-        text = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "stats"))
-        print(f"migrated: {kind}: {text}", file=sys.stderr, flush=True)
-
-
-def _progress_text(e: dict[str, Any]) -> str:
-    total = e.get("total_pages") or 1
-    if "pages_remaining" in e:
-        done = total - e["pages_remaining"]
-        extra = f"requests {e.get('requests_served', 0)}"
-    else:
-        done = e.get("pages_installed", 0)
-        extra = f"faults {e.get('faults', 0)}"
-    pct = min(99.9, 100.0 * done / total)  # 100 % only once the destination confirms
-    rate = e.get("rate_bytes_per_s")
-    rate_text = f"{rate / 1e9:.2f} GB/s  " if rate else ""
-    return (
-        f"[{e.get('status')}] {pct:5.1f}%  {e.get('transferred_bytes', 0) / 2**20:.0f} MiB  "
-        f"{rate_text}{extra}  {e.get('elapsed_s', 0):.1f}s"
-    )
-
-
 # -- commands hosting a VM --------------------------------------------------------------
+
+
+def _configure_logging(level: int) -> None:
+    """Log records to stderr with the migration context (service processes)."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="migrated[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from migrated.service.preflight import check_host
     from migrated.service.vmhost import VmHost
+    from migrated.transport.faults import from_environment
     from migrated.vmm import load_config
 
     config = load_config(args.config)
     if args.console:
         config = dataclasses.replace(config, console=args.console)
     check_host(need_uffd=False)
-    printer = Printer(args.json)
-    host = VmHost(args.control, printer=printer)
+    _configure_logging(logging.INFO)
+    host = VmHost(args.control, printer=Printer(args.json), fault=from_environment())
     _loop_policy()
     return asyncio.run(host.serve(lambda: host.boot(config)))
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrated.engine.destination import RecvOptions
+    from migrated.engine import RecvOptions
+    from migrated.service.commands import parse_address
     from migrated.service.preflight import check_host
-    from migrated.service.vmhost import VmHost, parse_address
+    from migrated.service.vmhost import VmHost
+    from migrated.transport.faults import from_environment
 
     listen_host, port = parse_address(args.listen)
     check_host(need_uffd=True)
-    printer = Printer(args.json)
-    host = VmHost(args.control, printer=printer)
+    _configure_logging(logging.INFO)
+    host = VmHost(args.control, printer=Printer(args.json), fault=from_environment())
     opts = RecvOptions(console=args.console)
     _loop_policy()
     return asyncio.run(host.serve(lambda: host.receive(listen_host, port, opts)))

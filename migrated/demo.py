@@ -22,6 +22,7 @@ from typing import Any
 
 from migrated.errors import MigratedError
 from migrated.service.control import request, stream
+from migrated.ui import Printer
 
 __all__ = ["LocalPair", "run_demo"]
 
@@ -195,8 +196,6 @@ def _summary(
 def run_demo(
     *, memory_mib: int = 512, vcpus: int = 2, mode: str = "hybrid", as_json: bool = False
 ) -> int:
-    from migrated.cli import Printer
-
     printer = Printer(as_json)
     pair = LocalPair(memory_mib=memory_mib, vcpus=vcpus)
 

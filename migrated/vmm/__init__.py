@@ -3,6 +3,7 @@ vCPUs in threads, pauses/resumes them, and captures/restores their state."""
 
 from .config import GuestConfig, VmConfig, load_config
 from .devices import Command, StatusCode, StatusReport
+from .dirtylog import DirtyLog, SpareVcpu
 from .image import ImageInfo
 from .machine import (
     KICK_SIGNAL,
@@ -22,6 +23,7 @@ __all__ = [
     "KICK_SIGNAL",
     "Command",
     "CrashInfo",
+    "DirtyLog",
     "GuestConfig",
     "ImageInfo",
     "Machine",
@@ -29,6 +31,7 @@ __all__ = [
     "MachineStatus",
     "MemoryRegion",
     "Runstate",
+    "SpareVcpu",
     "StatusCode",
     "StatusReport",
     "VcpuRunstate",

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrated.errors import GuestCrashed, MigratedError
+from migrated.errors import GuestCrashed, MachineStateError
 from migrated.kernel import ExitReason, GuestMemory, Kvm, Regs, Vcpu, VcpuExit, VcpuState, Vm
 
 from . import boot
@@ -50,6 +50,7 @@ from .devices import (
     StatusCode,
     StatusReport,
 )
+from .dirtylog import DirtyLog, SpareVcpu
 from .image import ImageInfo, load_image
 from .state import MemoryRegionInfo, VmState, VmStateError
 
@@ -69,11 +70,6 @@ __all__ = [
 KICK_SIGNAL = signal.SIGUSR1
 MAX_SLEEP_S = 1.0  # longest sleep one OUT to port 0x513 can ask for
 _THREAD_JOIN_S = 10.0
-
-
-class MachineStateError(MigratedError):
-    """An operation is not valid in the machine's current run state (or it failed to
-    get there, e.g. a vCPU could not load its initial state)."""
 
 
 class Runstate(enum.Enum):
@@ -378,9 +374,20 @@ class Machine:
 
     @property
     def vm(self) -> Vm:
+        """The KVM VM.  For the vmm layer only: engines use :meth:`dirty_log` and
+        :meth:`spare_vcpu`."""
         if self._vm is None:
             raise MachineStateError("machine is closed")
         return self._vm
+
+    def dirty_log(self) -> DirtyLog:
+        """A view of KVM's dirty log of all guest RAM (see vmm.dirtylog)."""
+        return DirtyLog(self)
+
+    def spare_vcpu(self) -> SpareVcpu:
+        """A vCPU that never runs, for ioctls that must not wait for a running vCPU
+        (see vmm.dirtylog).  The caller closes it before the machine."""
+        return SpareVcpu(self)
 
     @property
     def runstate(self) -> Runstate:

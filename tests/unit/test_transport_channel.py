@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
-from migrated.engine.channel import Channel
 from migrated.protocol import MemoryLayout, MemoryRegion, Pages, Setup, VmState
 from migrated.protocol.loopback import Loopback
+from migrated.transport.channel import Channel
+from migrated.transport.security import Security
 
 LAYOUT = MemoryLayout((MemoryRegion(0, 64 * 4096, 4096),))
 SID = b"s" * 16
+PLAIN = Security.plain()
 
 
 def wire_bytes() -> tuple[Loopback, bytes, list[Any]]:
@@ -57,9 +59,10 @@ async def test_reads_at_every_boundary_with_sink_and_unsinked_payloads() -> None
             return None
 
         conn.set_payload_sink(sink)
-        ch = Channel(conn, name="main")
         got: list[Any] = []
-        ch.deliver_to(lambda _c, e, got=got: got.append(e))
+        ch = Channel(
+            conn, name="main", on_event=lambda _c, e, got=got: got.append(e), security=PLAIN
+        )
         feed(ch, data, read_nbytes)
         assert not ch.closed.done(), ch.closed.exception()
         assert [type(e) for e in got] == [type(e) for e in sent]
@@ -97,10 +100,9 @@ async def test_a_protocol_violation_is_named_to_the_peer() -> None:
     from migrated.protocol import Error
 
     lb, _, _ = wire_bytes()
-    ch = Channel(lb.dest, name="main")
+    ch = Channel(lb.dest, name="main", on_event=lambda _c, e: None, security=PLAIN)
     transport = RecordingTransport()
     ch.transport = transport  # type: ignore[assignment]
-    ch.deliver_to(lambda _c, e: None)
     feed(ch, b"\xc1" * 64, 64)  # 0xc1 is never valid msgpack
     assert isinstance(ch.closed.exception(), RemoteProtocolError)
     assert transport.closed
@@ -115,9 +117,7 @@ async def test_detach_inside_a_callback_leaves_the_rest_to_the_new_owner() -> No
     lb, data, sent = wire_bytes()
     a, b = socket.socketpair()
     transport = RecordingTransport()
-    transport.get_extra_info = lambda name: a  # type: ignore[attr-defined]
-    ch = Channel(lb.dest, name="bulk")
-    ch.transport = transport  # type: ignore[assignment]
+    transport.get_extra_info = lambda name: a if name == "socket" else None  # type: ignore[attr-defined]
     got: list[Any] = []
     fds: list[int] = []
 
@@ -125,7 +125,8 @@ async def test_detach_inside_a_callback_leaves_the_rest_to_the_new_owner() -> No
         got.append(e)
         fds.append(ch.detach())
 
-    ch.deliver_to(first_then_detach)
+    ch = Channel(lb.dest, name="bulk", on_event=first_then_detach, security=PLAIN)
+    ch.transport = transport  # type: ignore[assignment]
     feed_once = ch.get_buffer(-1)
     n = min(len(feed_once), len(data))
     feed_once[:n] = data[:n]
@@ -133,6 +134,7 @@ async def test_detach_inside_a_callback_leaves_the_rest_to_the_new_owner() -> No
     assert [type(e) for e in got] == [type(sent[0])]
     assert transport.closed
     # The channel stopped decoding: the next frame is still there for the new owner.
+    lb.dest.receive_data(data[n:])
     assert type(lb.dest.next_event()) is type(sent[1])
     import os
 

@@ -1,0 +1,158 @@
+"""Every page that arrives, whatever channel carried it, goes through a PageStore.
+
+Facts we rely on:
+
+* Before ``VmState`` nothing is registered with userfaultfd and the guest does not run
+  here, so precopy pages are received straight into guest RAM (:meth:`precopy_target`
+  hands the socket the guest pages themselves), a later copy of a page overwrites an
+  earlier one, zero runs and discards are dropped with MADV_DONTNEED.
+* From ``VmState`` on the store is *sealed*: guest RAM is written only by the kernel
+  (UFFDIO_COPY from a staging buffer, UFFDIO_ZEROPAGE), and only for pages whose
+  received bit is clear.  A page the guest may own is never changed — not by a late
+  push, not by a zero run, not by a source resending after recovery (issue: a
+  ZeroPages over installed pages once zeroed them in the live guest).
+* The received bitmap is the single source of truth: a bit is set exactly when the
+  page's current content is in place; :attr:`count` is its population, kept with it
+  under :attr:`lock` (one popcount per frame would cost milliseconds per GiB).
+* :meth:`install` may run on any thread (the loop for urgent answers, the BULK
+  receiver, the installer).  It copies outside the lock and accounts inside it: a
+  page installed by two paths is counted once, and the loser's EEXIST is the kernel
+  telling us so (followed by UFFDIO_WAKE in case its waiter slept on the other copy).
+* Ranges were checked against the layout by the protocol connection before any event
+  or payload reached us; :class:`GuestRam` checks page indexes again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from migrated.kernel import PageBitmap, Userfaultfd
+
+from ..ram import PAGE_SIZE, GuestRam
+
+__all__ = ["PageStore", "Runs"]
+
+Runs = list[tuple[int, int]]
+
+
+class PageStore:
+    """The destination's guest RAM and what of it has arrived."""
+
+    def __init__(self, ram: GuestRam) -> None:
+        self.ram = ram
+        self.received = PageBitmap(ram.total_pages)
+        #: Pages known to be zero and dropped before registration: installed with
+        #: UFFDIO_ZEROPAGE at sealing, so only pages that never arrived can fault.
+        self.zero = PageBitmap(ram.total_pages)
+        self.lock = threading.Lock()
+        self.count = 0
+        self.uffd: Userfaultfd | None = None
+        self.sealed = False
+        self.install_s = 0.0
+        self.duplicate_pages = 0
+
+    @property
+    def total_pages(self) -> int:
+        return self.ram.total_pages
+
+    @property
+    def complete(self) -> bool:
+        return self.count == self.ram.total_pages
+
+    def snapshot(self) -> bytes:
+        """The received bitmap now (for recovery), consistent with :attr:`count`."""
+        with self.lock:
+            return bytes(self.received.data)
+
+    # -- before VmState: guest RAM written in place ----------------------------------
+
+    def precopy_target(self, page: int, npages: int) -> memoryview:
+        """Where a precopy Pages payload goes: the guest pages themselves."""
+        assert not self.sealed
+        return self.ram.view(page, npages)
+
+    def precopy_pages(self, page: int, npages: int) -> None:
+        """The payload of a precopy Pages frame is in place."""
+        self.zero.clear(page, npages)
+        self._mark(page, npages)
+
+    def precopy_zero(self, page: int, npages: int) -> None:
+        self.ram.discard(page, npages)  # reads as zero; a no-op where never written
+        self.zero.set(page, npages)
+        self._mark(page, npages)
+
+    def discard(self, page: int, npages: int) -> int:
+        """Drop pages sent earlier but dirtied since; returns how many."""
+        assert not self.sealed
+        with self.lock:
+            self.count -= npages - self._clear_count(page, npages)
+            self.received.clear(page, npages)
+        self.zero.clear(page, npages)
+        self.ram.discard(page, npages)
+        return npages
+
+    def discard_marked(self, stale: PageBitmap) -> int:
+        assert not self.sealed
+        with self.lock:
+            self.received.andnot(stale)
+            self.count = self.received.count()
+        self.zero.andnot(stale)
+        return self.ram.discard_marked(stale)
+
+    # -- from VmState on: only missing pages, only by the kernel ------------------------
+
+    def seal(self, uffd: Userfaultfd | None) -> None:
+        """From now on guest RAM is the guest's: see the module notes.  ``uffd`` is the
+        registered userfaultfd (None when every page had arrived)."""
+        self.sealed = True
+        self.uffd = uffd
+        if uffd is None:
+            return
+        for page, n in self.zero.runs(True):
+            for p, m in self.ram.split(page, n, self.ram.total_pages):
+                uffd.zeropage(self.ram.host_address(p), m * PAGE_SIZE)
+
+    def install(self, page: int, npages: int, data: memoryview | None) -> Runs:
+        """Install the pages of ``[page, page+npages)`` that have not arrived yet
+        (``data`` None: zero pages).  Returns the runs this call newly accounted."""
+        assert self.sealed
+        with self.lock:
+            todo = self.received.runs_within(page, npages, False)
+            self.duplicate_pages += npages - sum(n for _, n in todo)
+        uffd = self.uffd
+        if not todo or uffd is None:
+            return []
+        new: Runs = []
+        for i, n in todo:
+            t = time.monotonic()
+            addr = self.ram.host_address(i)
+            if data is None:
+                r = uffd.zeropage(addr, n * PAGE_SIZE)
+            else:
+                off = (i - page) * PAGE_SIZE
+                r = uffd.copy(addr, data[off : off + n * PAGE_SIZE], n * PAGE_SIZE)
+            if r.already_present:
+                uffd.wake(addr, n * PAGE_SIZE)
+            elapsed = time.monotonic() - t
+            with self.lock:
+                self.install_s += elapsed
+                self.duplicate_pages += r.already_present // PAGE_SIZE
+                new.extend(self._mark_locked(i, n))
+        return new
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _clear_count(self, page: int, npages: int) -> int:
+        return sum(n for _, n in self.received.runs_within(page, npages, False))
+
+    def _mark(self, page: int, npages: int) -> Runs:
+        with self.lock:
+            return self._mark_locked(page, npages)
+
+    def _mark_locked(self, page: int, npages: int) -> Runs:
+        """Set the bits; returns the sub-runs that were newly set."""
+        new = self.received.runs_within(page, npages, False)
+        self.received.set(page, npages)
+        self.count += sum(n for _, n in new)
+        return new

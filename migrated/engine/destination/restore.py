@@ -1,0 +1,104 @@
+"""Turning received state into a VM: registration, restore, start, teardown.
+
+Facts we rely on:
+
+* All guest RAM is registered with userfaultfd (MISSING mode) *before* any vCPU can
+  run, so a vCPU touching a page that has not arrived faults instead of reading zeros.
+  When every page has arrived (precopy mode) nothing is registered.
+* ``Machine.restore`` creates the KVM VM and its vCPUs but runs nothing and never
+  touches guest memory; the vCPUs start only after ``Commit`` (:func:`start`).  Both
+  block (KVM ioctls, thread starts), so they run off the event loop.
+* Before Commit, nothing here is the guest's: a failed or cancelled migration tears it
+  all down (:func:`teardown`), and the source keeps the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from migrated.errors import MigratedError, RemoteProtocolError
+from migrated.kernel import GuestMemory, UffdFeature, Userfaultfd
+from migrated.protocol import ErrorCode
+from migrated.vmm import Machine
+from migrated.vmm.state import VmState as MachineState
+
+from ..stats import StepTimer
+from .pages import PageStore
+
+__all__ = ["Prepared", "prepare", "start", "teardown"]
+
+
+@dataclass
+class Prepared:
+    """A VM restored from its state, vCPUs not started."""
+
+    machine: Machine
+    uffd: Userfaultfd | None
+
+
+def _restore(
+    state_bytes: bytes,
+    memory: GuestMemory,
+    store: PageStore,
+    console: str | None,
+    steps: dict[str, float],
+) -> Prepared:
+    mark = StepTimer(steps).mark
+    try:
+        state = MachineState.from_bytes(state_bytes)
+    except MigratedError as exc:
+        raise RemoteProtocolError(
+            f"cannot restore the VM from its state: {exc}", code=ErrorCode.RESTORE_FAILED
+        ) from exc
+    mark("parse-state")
+    uffd = None
+    if not store.complete:
+        uffd = Userfaultfd.open(UffdFeature.THREAD_ID)
+        try:
+            for r in store.ram.regions:
+                uffd.register(r.memory.address, r.memory.nbytes)
+        except BaseException:
+            uffd.close()
+            raise
+    store.seal(uffd)
+    mark("userfaultfd-register")
+    try:
+        machine = Machine.restore(state, memory=memory, own_memory=True, console=console)
+    except MigratedError as exc:
+        raise RemoteProtocolError(
+            f"cannot restore the VM here: {exc}", code=ErrorCode.RESTORE_FAILED
+        ) from exc
+    mark("create-vm")
+    return Prepared(machine, uffd)
+
+
+async def prepare(
+    state_bytes: bytes,
+    memory: GuestMemory,
+    store: PageStore,
+    *,
+    console: str | None,
+    steps: dict[str, float],
+) -> Prepared:
+    """Parse the state, register guest RAM, create the VM (not started).  Raises
+    RemoteProtocolError (code ``restore-failed``) when the state cannot be restored;
+    the caller answers Error and tears down."""
+    return await asyncio.to_thread(_restore, state_bytes, memory, store, console, steps)
+
+
+async def start(prepared: Prepared) -> dict[int, int]:
+    """Start the vCPUs (after Commit).  Returns thread id -> vCPU index."""
+    machine = prepared.machine
+    await asyncio.to_thread(machine.start)
+    return machine.vcpu_thread_ids()
+
+
+async def teardown(prepared: Prepared | None, memory: GuestMemory | None) -> None:
+    """Release everything of a migration whose guest never ran here."""
+    if prepared is not None:
+        await asyncio.to_thread(prepared.machine.close)  # closes the memory it owns
+        if prepared.uffd is not None:
+            prepared.uffd.close()
+    elif memory is not None:
+        memory.close()
