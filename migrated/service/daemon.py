@@ -110,10 +110,10 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", *self.config.metrics_listen)
         try:
             await self._poll_once()
-            self.notifier.ready(self.summary())
-            log.info("daemon ready: control socket %s, peers on %s:%d (%s)", d.control_socket,
+            log.info("control socket %s and daemon port %s:%d (%s) are up", d.control_socket,
                      d.listen[0], self.peer_port,
                      "mutual TLS" if self.security.tls else "PLAIN TCP")  # fmt: skip
+            self.notifier.ready(self.summary())
             async with asyncio.TaskGroup() as tg:
                 poller = tg.create_task(self._poll_loop())
                 dog = tg.create_task(self.notifier.watchdog_loop())

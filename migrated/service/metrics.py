@@ -9,8 +9,8 @@ Where KubeVirt exports the same thing, the name is KubeVirt's with ``migrated_``
 ``migrated_vmi_migration_data_remaining_bytes``    guest memory still to send (source)
 ``migrated_vmi_migration_dirty_memory_rate_bytes`` bytes dirtied per second (precopy)
 ``migrated_vmi_migration_memory_transfer_rate_bytes`` bytes moved per second
-``migrated_vmi_migration_succeeded_total``         completed migrations (counter)
-``migrated_vmi_migration_failed_total``            failed migrations (counter)
+``migrated_vmi_migration_succeeded_total``         completed migrations (counter, ``role``)
+``migrated_vmi_migration_failed_total``            failed migrations (counter, ``role``)
 =================================================  ========================================
 
 And what no anchor exports:
@@ -60,8 +60,8 @@ class MetricsState:
     def __init__(self) -> None:
         self.views: dict[str, dict[str, Any]] = {}
         self.progress: dict[str, dict[str, Any]] = {}  # vm -> last progress event
-        self.succeeded: Counter[str] = Counter()
-        self.failed: Counter[str] = Counter()
+        self.succeeded: Counter[tuple[str, str]] = Counter()  # (vm, role)
+        self.failed: Counter[tuple[str, str]] = Counter()
         self.phase_bytes: Counter[tuple[str, str, str]] = Counter()
         self.data_bytes: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -69,9 +69,9 @@ class MetricsState:
     def record_result(self, vm: str, role: str, status: str, stats: dict[str, Any]) -> None:
         with self._lock:
             if status == "completed":
-                self.succeeded[vm] += 1
+                self.succeeded[(vm, role)] += 1
             else:
-                self.failed[vm] += 1
+                self.failed[(vm, role)] += 1
             for phase in ("precopy", "downtime", "postcopy"):
                 self.phase_bytes[(vm, role, phase)] += int(stats.get(f"{phase}_bytes", 0))
             if role == "source":
@@ -160,15 +160,15 @@ class MigratedCollector:
         for (role, status), n in sorted(migrations.items()):
             running.add_metric([role, status], n)
         ok = CounterMetricFamily(
-            "migrated_vmi_migration_succeeded", "Completed migrations", labels=["vm"]
-        )
+            "migrated_vmi_migration_succeeded", "Completed migrations by this host's role",
+            labels=["vm", "role"])  # fmt: skip
         bad = CounterMetricFamily(
-            "migrated_vmi_migration_failed", "Failed migrations", labels=["vm"]
-        )
-        for name, n in sorted(succeeded.items()):
-            ok.add_metric([name], n)
-        for name, n in sorted(failed.items()):
-            bad.add_metric([name], n)
+            "migrated_vmi_migration_failed", "Failed migrations by this host's role",
+            labels=["vm", "role"])  # fmt: skip
+        for (name, role), n in sorted(succeeded.items()):
+            ok.add_metric([name, role], n)
+        for (name, role), n in sorted(failed.items()):
+            bad.add_metric([name, role], n)
         phases = CounterMetricFamily(
             "migrated_migration_phase_bytes", "Bytes moved by phase of finished migrations",
             labels=["vm", "role", "phase"])  # fmt: skip
