@@ -199,7 +199,7 @@ class Host:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, *match: str) -> list[dict[str, Any]]:
-        out = self.sh("journalctl --no-pager -o json " + " ".join(map(shlex.quote, match)),
+        out = self.sh("journalctl --no-pager --all -o json " + " ".join(map(shlex.quote, match)),
                       check=False).stdout  # fmt: skip
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
