@@ -1,6 +1,6 @@
-"""What TLS 1.3 costs on a migration-sized stream: plain TCP vs migrated's mutual TLS
-(migrated.transport.tls_check with the Security that migrated.service.tls builds),
-same run, loopback.  Two paths, as the engine uses them: asyncio (uvloop) streams
+"""What TLS 1.3 costs on a migration-sized stream: plain TCP vs migrated's mutual
+TLS (migrated.transport.tls_check with the Security that migrated.service.tls
+builds), same run, loopback.  Two paths, as the engine uses them: asyncio (uvloop) streams
 and blocking sockets on threads (the BULK push; the receiver in another process).  Prints JSON; never asserts.
 
     .venv/bin/python bench/tls_transport.py --gib 1
@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import socket
 import sys
 import tempfile
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -23,10 +23,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from migrated.service.tls import TlsSettings, build_security  # noqa: E402
-from migrated.transport import tls_check  # noqa: E402
-from migrated.transport.security import Security  # noqa: E402
-from tests.service.certs import write_tls_dir  # noqa: E402
+from migrated.service.tls import TlsSettings, build_security
+from migrated.transport import tls_check
+from migrated.transport.security import Security
+from tests.service.certs import write_tls_dir
 
 CHUNK = 1 << 20
 
@@ -57,7 +57,7 @@ async def asyncio_run(client: Security, server: Security, nbytes: int) -> float:
     srv = await tls_check.serve_streams(sink, "127.0.0.1", 0, server, limit=4 * CHUNK)
     port = srv.sockets[0].getsockname()[1]
     payload = bytes(CHUNK)
-    r, w = await tls_check.open_stream("127.0.0.1", port, client)
+    _r, w = await tls_check.open_stream("127.0.0.1", port, client)
     t0 = time.perf_counter()
     sent = 0
     while sent < nbytes:
