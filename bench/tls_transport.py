@@ -1,7 +1,8 @@
 """What TLS 1.3 costs on a migration-sized stream: plain TCP vs migrated's mutual
 TLS (migrated.transport.tls_check with the Security that migrated.service.tls
-builds), same run, loopback.  Two paths, as the engine uses them: asyncio (uvloop) streams
-and blocking sockets on threads (the BULK push; the receiver in another process).  Prints JSON; never asserts.
+builds), same run, loopback.  Two paths, as the engine uses them: asyncio (uvloop)
+streams, and blocking sockets (the BULK push; the receiver in another process).
+Prints JSON; never asserts.
 
     .venv/bin/python bench/tls_transport.py --gib 1
 """
