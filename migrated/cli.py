@@ -171,6 +171,159 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(memory_mib=args.memory_mib, vcpus=args.vcpus, mode=args.mode, as_json=args.json)
 
 
+# -- the host service (daemon, VM units, install) ------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from migrated.service.daemon import Daemon
+    from migrated.service.hostconfig import load_host_config
+    from migrated.service.journal import setup_logging
+
+    config = load_host_config(args.config)
+    setup_logging(config.daemon.log_level)
+    daemon = Daemon(config)
+    _loop_policy()
+    return asyncio.run(daemon.run())
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    import os
+
+    from migrated.engine import RecvOptions
+    from migrated.service.commands import parse_address
+    from migrated.service.hostconfig import HostConfig, load_host_config
+    from migrated.service.journal import setup_logging
+    from migrated.service.notify import Notifier
+    from migrated.service.preflight import check_host
+    from migrated.service.vmunit import UnitVmHost, serve_unit
+    from migrated.vmm import load_config
+
+    config = load_host_config(args.config) if os.path.exists(args.config) else HostConfig()
+    setup_logging(config.daemon.log_level)
+    host = UnitVmHost(args.name, config, Notifier.from_environment())
+    if args.incoming:
+        listen_host, port = parse_address(args.incoming)
+        check_host(need_uffd=True)
+        opts = RecvOptions(console="none")
+        start: Any = lambda: host.receive(listen_host, port, opts)  # noqa: E731
+    else:
+        host.ownership.check_boot(args.name)
+        vm = load_config(config.vm_config_path(args.name))
+        if vm.name != args.name:
+            raise ConfigError(
+                f"{config.vm_config_path(args.name)}: name is {vm.name!r}, "
+                f"but the unit is for {args.name!r}"
+            )
+        check_host(need_uffd=False)
+        start = lambda: host.boot(vm)  # noqa: E731
+    _loop_policy()
+    return asyncio.run(serve_unit(host, start))
+
+
+def _daemon_stream(args: argparse.Namespace, cmd: str, **params: Any) -> Any:
+    from migrated.service.control import stream
+
+    return stream(args.socket, cmd, **params)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from migrated.service.control import request
+
+    result = asyncio.run(request(args.socket, "list"))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"host {result.get('host')}: {result.get('summary')}")
+    print(f"{'NAME':<16} {'STATE':<12} {'MEMORY':>8}  MIGRATION")
+    for vm in result.get("vms", []):
+        mig = vm.get("migration") or {}
+        own = vm.get("ownership") or {}
+        note = f"{mig.get('role')} {mig.get('status')}" if mig else ""
+        if own.get("state") in ("away", "outgoing") and vm.get("runstate") == "not running":
+            note = f"{own['state']} -> {own.get('peer')}"
+        mem = f"{(vm.get('memory_bytes') or 0) / 2**20:.0f} MiB" if vm.get("memory_bytes") else "-"
+        print(f"{vm['name']:<16} {vm.get('runstate', '-'):<12} {mem:>8}  {note}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    printer = Printer(args.json)
+    params = {
+        "name": args.name,
+        "to": args.to,
+        "mode": args.mode,
+        "max_precopy_rounds": args.max_precopy_rounds,
+        "precopy_bandwidth": _mbps(args.precopy_bandwidth),
+        "postcopy_bandwidth": _mbps(args.postcopy_bandwidth),
+    }
+
+    async def go() -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        async for msg in _daemon_stream(args, "migrate", **params):
+            if "result" in msg:
+                result = msg["result"]
+            else:
+                printer(msg)
+        return result
+
+    _loop_policy()
+    result = asyncio.run(go())
+    s = result.get("stats", {})
+    if args.json:
+        print(json.dumps({"event": "result", **result}), flush=True)
+    else:
+        print(
+            f"migrated: {args.name} migrated to {args.to} in {s.get('total_s', 0):.3f} s, "
+            f"downtime {s.get('downtime_s', 0) * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
+    return int(result.get("exit_code", 0))
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    from migrated.service.install import install_units
+
+    for path in install_units(args.root, args.bin, reload=not args.no_reload):
+        print(path)
+    return 0
+
+
+def _add_service_commands(sub: Any) -> None:
+    default_socket = "/run/migrated/migrated.sock"
+    default_config = "/etc/migrated/migrated.toml"
+    dm = sub.add_parser("daemon", help="the per-host daemon (run by migrated.service)")
+    dm.add_argument("--config", default=default_config)
+    dm.set_defaults(func=cmd_daemon)
+
+    vm = sub.add_parser("vm", help="one VM process of a unit (run by migrated-vm@NAME)")
+    vm.add_argument("name")
+    vm.add_argument("--incoming", metavar="HOST:PORT", help="receive the VM on this address")
+    vm.add_argument("--config", default=default_config)
+    vm.set_defaults(func=cmd_vm)
+
+    ls = sub.add_parser("list", help="the VMs and migrations of this host (via the daemon)")
+    ls.add_argument("--socket", default=default_socket)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    mg = sub.add_parser("migrate", help="migrate VM NAME to another host (via both daemons)")
+    mg.add_argument("name")
+    mg.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the other daemon")
+    mg.add_argument("--socket", default=default_socket)
+    mg.add_argument("--mode", choices=["postcopy", "hybrid", "precopy"], default="hybrid")
+    mg.add_argument("--max-precopy-rounds", type=int, default=None)
+    mg.add_argument("--precopy-bandwidth", type=float, metavar="MB/S")
+    mg.add_argument("--postcopy-bandwidth", type=float, metavar="MB/S")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(func=cmd_migrate)
+
+    iu = sub.add_parser("install-units", help="install the systemd units and /etc/migrated")
+    iu.add_argument("--root", default="/", help="install below this directory (packaging)")
+    iu.add_argument("--bin", help="the migrated executable the units run (default: this one)")
+    iu.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    iu.set_defaults(func=cmd_install_units)
+
+
 # -- parser ---------------------------------------------------------------------------
 
 
@@ -258,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=["postcopy", "hybrid", "precopy"], default="hybrid")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
+    _add_service_commands(sub)  # the host service (daemon, VM units, install)
     return p
 
 

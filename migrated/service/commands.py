@@ -85,19 +85,10 @@ def location(host: VmHost) -> str:
 async def status(host: VmHost, req: Request, emit: Emit) -> dict[str, Any]:
     from .vmhost import machine_status
 
-    migration: dict[str, Any] | None = host.last_migration
-    out, dst = host.outgoing, host.destination
-    if out is not None and out.running:
-        migration = out.engine.stats.to_dict()
-        migration["status"] = out.engine.state.value
-        migration["reason"] = out.engine.session.lost_reason
-    elif dst is not None and dst.session is not None and not dst.state.terminal:
-        migration = dst.stats.to_dict()
-        migration["status"] = dst.state.value
-        migration["reason"] = dst.session.lost_reason
+    dst = host.destination
     return {
         "vm": machine_status(host.machine),
-        "migration": migration,
+        "migration": host.migration_status(),
         "location": location(host),
         "port": dst.port if dst is not None else None,
     }

@@ -248,9 +248,35 @@ class VmHost:
 
     # -- outgoing migrations -----------------------------------------------------------
 
+    def migration_starting(self, host: str, port: int) -> None:
+        """Hook, before the engine exists: a subclass persists what it must (systemd
+        units write the ownership record here, so no commit can precede it)."""
+
+    def migration_ended(self, out: Outgoing) -> None:
+        """Hook, once an outgoing migration has ended (``out.stats`` on completion,
+        ``out.error`` otherwise; ``out.committed`` says whether the VM left)."""
+
+    def migration_status(self) -> dict[str, Any] | None:
+        """The migration in flight (or the last one), as ``status`` reports it."""
+        out, dst = self.outgoing, self.destination
+        if out is not None and out.running:
+            status = out.engine.stats.to_dict()
+            status["status"] = out.engine.state.value
+            status["reason"] = out.engine.session.lost_reason
+            status["pages_remaining"] = out.engine.cursor.remaining
+            return status
+        if dst is not None and dst.session is not None and not dst.state.terminal:
+            status = dst.stats.to_dict()
+            status["status"] = dst.state.value
+            status["reason"] = dst.session.lost_reason
+            status["pages_installed"] = dst.store.count if dst.store is not None else 0
+            return status
+        return self.last_migration
+
     def start_migration(
         self, machine: Machine, host: str, port: int, opts: SendOptions
     ) -> Outgoing:
+        self.migration_starting(host, port)
         out = Outgoing(
             SourceEngine(machine, host, port, opts, security=self.security, fault=self.fault),
             self.control_path or "SOCKET",
@@ -261,6 +287,12 @@ class VmHost:
         return out
 
     async def _run_outgoing(self, out: Outgoing) -> Any:
+        try:
+            return await self._migrate(out)
+        finally:
+            self.migration_ended(out)
+
+    async def _migrate(self, out: Outgoing) -> Any:
         eng = out.engine
         try:
             stats = await eng.run()

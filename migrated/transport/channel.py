@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 from migrated.errors import (
-    AuthorizationError,
     LinkLost,
     MigratedError,
     ProtocolError,
@@ -134,14 +133,9 @@ class Channel(asyncio.BufferedProtocol):
         peername = tr.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         tune_socket(tr.get_extra_info("socket"), bulk=self.bulk)
+        # A TLS peer was authorized before this protocol saw the connection
+        # (transport.tls_check): nothing unauthorized is ever read here.
         tr.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
-        if tr.get_extra_info("ssl_object") is not None:
-            try:
-                self.security.authorize(tr.get_extra_info("peercert") or {})
-            except AuthorizationError as exc:
-                log.warning("refused TLS peer %s: %s", self.peer, exc)
-                self._finish(exc)
-                tr.abort()  # nothing of it is read
 
     def get_buffer(self, sizehint: int) -> memoryview:
         target = self.conn.payload_target()

@@ -14,10 +14,10 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 from migrated.errors import AuthorizationError, ConnectFailed, LinkLost, TransportError
 
+from . import tls_check
 from .security import Security
 
 __all__ = [
@@ -107,13 +107,11 @@ async def connect(
     """Open a TCP (or TLS) connection driven by ``factory()``'s protocol; returns the
     protocol.  Raises ConnectFailed / AuthorizationError naming the address."""
     what = f"connecting to {host}:{port}"
-    loop = asyncio.get_running_loop()
-    kwargs: dict[str, Any] = {}
-    if security.client is not None:
-        kwargs = {"ssl": security.client, "server_hostname": security.server_hostname or host}
     try:
         async with asyncio.timeout(timeout_s):
-            _, proto = await loop.create_connection(factory, host, port, **kwargs)
+            _, proto = await tls_check.connect(
+                factory, host, port, security, handshake_timeout_s=timeout_s
+            )
     except (OSError, ssl.SSLError) as exc:
         raise map_error(exc, what, connecting=True) from exc
     except TimeoutError as exc:
@@ -150,15 +148,12 @@ async def listen(
     factory: Callable[[], asyncio.BaseProtocol],
     *,
     security: Security,
-    backlog: int = 128,
-) -> asyncio.Server:
-    """Listen on ``host:port`` (TLS if configured).  Raises ConnectFailed naming the
-    address when it cannot be bound."""
-    loop = asyncio.get_running_loop()
+) -> asyncio.Server | tls_check.TlsListener:
+    """Listen on ``host:port``; with TLS every connection is handshaken and its peer
+    authorized (and a refusal logged) before ``factory()`` sees it.  Raises
+    ConnectFailed naming the address when it cannot be bound."""
     try:
-        return await loop.create_server(
-            factory, host, port, ssl=security.server, reuse_address=True, backlog=backlog
-        )
+        return await tls_check.listen(factory, host, port, security)
     except OSError as exc:
         raise ConnectFailed(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",

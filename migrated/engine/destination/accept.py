@@ -21,6 +21,7 @@ from migrated.protocol.connection import Connection
 from migrated.transport import net
 from migrated.transport.channel import Channel
 from migrated.transport.security import Security
+from migrated.transport.tls_check import TlsListener
 
 __all__ = ["Acceptor"]
 
@@ -59,7 +60,7 @@ class Acceptor:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_frame_nbytes = max_frame_nbytes
         self._pending: dict[Channel, asyncio.TimerHandle] = {}
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TlsListener | None = None
         self.refused = 0
 
     async def listen(self, host: str, port: int) -> int:
