@@ -54,6 +54,19 @@ class AuthorizationError(MigratedError):
     exit_code = 1
 
 
+class InsufficientMemory(MigratedError):
+    """This host cannot hold a guest's memory (see :mod:`migrated.vmm.admission`).
+
+    The message names the memory needed, the memory available and the limit that
+    binds (MemAvailable, a memory cgroup's limit, free huge pages); the hint says how
+    to raise that limit.  Nothing was changed.  ``code`` is the ``Error`` frame code a
+    destination sends when it refuses a guest for this reason.
+    """
+
+    exit_code = 2
+    code = "insufficient-memory"
+
+
 class GuestCrashed(MigratedError):
     """The guest stopped abnormally (triple fault, unexpected exit)."""
 
