@@ -528,8 +528,8 @@ def settle_destination_after_abort(
         if not dest.alive():
             return "exited"
         s = migration_status(pair.dst_sock)
-        if s is None and allow_idle and quick_status(pair.dst_sock) is not None:
-            return "idle"  # still listening, no session (the fault came before Setup)
+        if s in (None, "setup") and allow_idle and quick_status(pair.dst_sock) is not None:
+            return "idle"  # still listening, no session yet (the fault came in setup)
         return s if s in ("failed", "cancelled", "ready") else None
 
     state = pair.wait_for(settled, timeout, "the destination to give up or wait in ready",

@@ -11,7 +11,9 @@ operator, knowing the destination is gone, resumes it with ``cont --force``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -59,7 +61,46 @@ def in_postcopy(pair: Pair, *extra: str) -> SendProc:
     return send
 
 
+@contextlib.contextmanager
+def in_setup(pair: Pair) -> Iterator[SendProc]:
+    """A migration held in setup: the destination is stopped (its kernel accepts the
+    connection, nobody answers the Hello).  SIGCONT on the way out."""
+    pair.start(GUEST)
+    assert pair.dest is not None
+    with stopped(pair.dest):
+        send = start_send(pair, "hybrid", *PRECOPY)
+        wait_status(pair, pair.src_sock, "setup", procs=[send.proc])
+        time.sleep(0.5)
+        yield send
+
+
 # -- SIGKILL ----------------------------------------------------------------------------
+
+
+def test_kill_destination_in_setup(netpair: Pair) -> None:
+    with RunWatch(netpair) as watch:
+        with in_setup(netpair) as send:
+            assert netpair.dest is not None
+            netpair.dest.kill9()
+            r = send.result(30)
+        expect_aborted(netpair, r, watch, phase="setup", side="destination")
+
+
+def test_kill_source_in_setup(netpair: Pair) -> None:
+    with RunWatch(netpair) as watch:
+        with in_setup(netpair) as send:
+            assert netpair.source is not None
+            netpair.source.kill9()
+            r = send.result(30)
+        text = failure_text(r)
+        assert r.returncode == 4, f"send exited {r.returncode}, expected 4\n{text}"
+        assert "still running on the source" not in text, text
+        assert_failure_message(text, phase="setup", side="source",
+                               reason=("went away", "closed", "lost", "died", "killed"),
+                               next_cmd=("status",))  # fmt: skip
+        settle_destination_after_abort(netpair, allow_idle=True)
+        watch.assert_destination_never_ran()
+        assert where(netpair) == []
 
 
 def test_kill_destination_in_precopy(netpair: Pair) -> None:
@@ -125,7 +166,11 @@ def test_kill_source_in_postcopy(netpair: Pair) -> None:
     assert netpair.source is not None and netpair.dest is not None
     netpair.source.kill9()
     r = send.result(30)
-    assert r.returncode == 4, f"send exited {r.returncode}, expected 4\n{failure_text(r)}"
+    text = failure_text(r)
+    assert r.returncode == 4, f"send exited {r.returncode}, expected 4\n{text}"
+    assert_failure_message(text, phase="postcopy", side="source",
+                           reason=("went away", "closed", "lost", "died", "killed"),
+                           next_cmd=("status",))  # fmt: skip
     wait_status(netpair, netpair.dst_sock, "postcopy-paused", timeout=15)
     assert vm_runs(netpair, netpair.dst_sock)
     s = netpair.cli("stop", "--control", netpair.dst_sock, timeout=60)
@@ -134,6 +179,23 @@ def test_kill_source_in_postcopy(netpair: Pair) -> None:
 
 
 # -- SIGTERM ----------------------------------------------------------------------------
+
+
+def test_sigterm_source_in_setup(netpair: Pair) -> None:
+    with RunWatch(netpair) as watch:
+        with in_setup(netpair) as send:
+            assert netpair.source is not None
+            terminate(netpair.source)
+            r = send.result(30)
+            assert netpair.source.wait(15) is not None
+        text = failure_text(r)
+        assert r.returncode in (1, 4), f"send exited {r.returncode}\n{text}"
+        assert "still running on the source" not in text, f"not true any more: {text}"
+        assert_failure_message(text, phase="setup", side="source",
+                               reason=("SIGTERM", "stopped", "terminated", "went away"),
+                               next_cmd=("status", "run", "send"))  # fmt: skip
+        settle_destination_after_abort(netpair, allow_idle=True)
+        watch.assert_destination_never_ran()
 
 
 def test_sigterm_source_in_precopy(netpair: Pair) -> None:
