@@ -24,6 +24,7 @@ The proofs of the end state:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -50,7 +51,7 @@ GUEST = Guest(memory_mib=64, vcpus=1, hot_set_mib=8, writes_per_s=20000)
 
 ACTIONS = ("cut-before", "cut-after")
 DIRECTIONS = ("sent", "recv")
-#: v2 messages and who sends each (the switchover's boundaries first).
+#: The v2 messages the scenarios cut at, and which side sends each.
 SENDER = {
     "Setup": "source",
     "SetupAck": "destination",
@@ -364,8 +365,6 @@ POST_COMMIT = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover
 def quick_status(sock: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """``status`` over the control socket; None when nobody answers within
     ``timeout_s`` (a SIGSTOPped process accepts the connection but never answers)."""
-    import asyncio
-
     try:
         return asyncio.run(asyncio.wait_for(request(sock, "status"), timeout_s))
     except Exception:
