@@ -37,20 +37,24 @@ Facts we rely on:
 What the check guarantees, and what it does not:
 
 * With a :class:`Reservation` held from Setup: the destination process owns (has
-  faulted in, and has charged to its cgroup) as much memory as the guest's RAM plus
-  the headroom, from before the first page until the last.  Memory only moves from
-  the reservation to the guest, one chunk behind the installs, so a later
-  allocation elsewhere on the host or in the cgroup cannot make the guest's pages
-  fail to arrive.  A race lost *while reserving* OOM-kills the receiver during Setup:
-  the migration fails before the commit and the VM keeps running on the source.
+  faulted in, and has charged to its cgroup) as much memory as the guest's RAM,
+  from before the first page until the last.  Memory only moves from the
+  reservation to the guest, one chunk behind the installs, so the migration itself
+  never needs memory it does not already hold: it cannot be the allocation that
+  runs the host or the cgroup out.  A race lost *while reserving* OOM-kills the
+  receiver during Setup, where the migration fails before the commit and the VM
+  keeps running on the source.
+* Holding memory does not stop the OOM killer from *choosing* the receiver when
+  someone else runs the host or the cgroup out: it picks the largest process, which
+  is the receiver (measured in a v1 memory cgroup: a receiver holding 130 MiB and a
+  100 MiB newcomer in 200 MiB; the receiver was killed).  :class:`OomShield` sets the
+  process's ``oom_score_adj`` to -1000 while it holds the only copy of a VM, so the
+  OOM killer picks someone else; that needs CAP_SYS_RESOURCE (a systemd unit can
+  set ``OOMScoreAdjust=-1000`` instead).
 * Pages installed as zero pages take no memory until the guest writes them; their
   share of the reservation is held until the migration completes, then given back.
   After completion the VM is like any other process: it owns what it has touched,
   and what it touches later comes from the host like any allocation.
-* It does not protect against other processes *in the same cgroup*: when they hit
-  the limit, the cgroup's OOM killer picks the largest process, which is the
-  receiver.  Run each receiver in a cgroup of its own (a systemd unit) and give it a
-  low ``oom_score_adj`` (``OOMScoreAdjust=``).
 * Without a reservation (the check alone) nothing is held: it is a point-in-time
   answer that refuses a guest that cannot fit now.
 * Swap, ``memory.memsw.*``/``memory.swap.max``, ``memory.min``/``low`` protection,
@@ -79,6 +83,7 @@ __all__ = [
     "Admission",
     "HostMemory",
     "MemoryBudget",
+    "OomShield",
     "Reservation",
     "admit",
     "assess",
@@ -300,3 +305,40 @@ def reserve(
     if Backing(backing) is Backing.HUGETLB:
         return Reservation(0)
     return Reservation(guest_bytes)
+
+
+class OomShield:
+    """While held, the OOM killer never picks this process (``oom_score_adj`` -1000).
+
+    For the stretch in which this process holds the only complete copy of a VM (the
+    destination from Setup, the source after the commit).  :meth:`close` restores
+    the previous value and is idempotent.  Lowering the value needs
+    CAP_SYS_RESOURCE: without it :attr:`active` is False and nothing changed (a
+    systemd unit can set ``OOMScoreAdjust=`` instead).
+    """
+
+    def __init__(self, score: int = -1000, *, path: str = "/proc/self/oom_score_adj") -> None:
+        self.path = path
+        self.active = False
+        self._previous: str | None = None
+        try:
+            with open(path) as f:
+                self._previous = f.read().strip()
+            with open(path, "w") as f:
+                f.write(str(score))
+        except PermissionError:
+            return
+        self.active = True
+
+    def close(self) -> None:
+        if not self.active or self._previous is None:
+            return
+        with open(self.path, "w") as f:
+            f.write(self._previous)
+        self.active = False
+
+    def __enter__(self) -> OomShield:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -9,16 +9,18 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from migrated.errors import InsufficientMemory
 from migrated.kernel import Backing
-from migrated.vmm.admission import Reservation, admit, assess, reserve
+from migrated.vmm.admission import OomShield, Reservation, admit, assess, reserve
 from migrated.vmm.hostmem import HostMemory
 
 MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
 UNLIMITED_V1 = 9223372036854771712
 
 
@@ -326,8 +328,8 @@ def _inside(cg, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -360,3 +362,53 @@ def test_real_cgroup_populating_past_the_limit_is_an_oom_kill(cgroup_200m) -> No
     assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
     assert "held" not in r.stdout
     assert cgroup_200m.oom_kills() >= 1
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from migrated.vmm.admission import OomShield, Reservation
+    shield = OomShield() if sys.argv[1] == "shield" else None
+    r = Reservation(130 << 20)
+    print("held", shield.active if shield else None, flush=True)
+    time.sleep(30)
+    """
+)
+_HOG = "from migrated.vmm.admission import Reservation; Reservation(100 << 20); print('hog')"
+
+
+@pytest.mark.parametrize("shielded", [True, False])
+def test_real_cgroup_shielded_reservation_survives_a_hog(cgroup_200m, shielded: bool) -> None:  # type: ignore[no-untyped-def]
+    """A receiver holding 130 MiB and a 100 MiB newcomer do not both fit in 200 MiB.
+    Unshielded, the OOM killer picks the largest, the receiver; shielded, the
+    newcomer dies and the reservation is intact."""
+    holder = subprocess.Popen(
+        [*cgroup_200m.wrap(), sys.executable, "-c", _HOLDER, "shield" if shielded else "bare"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().strip()
+        if line == "held False":
+            pytest.skip("lowering oom_score_adj needs CAP_SYS_RESOURCE, which this host lacks")
+        assert line == f"held {True if shielded else None}", line
+        hog = _inside(cgroup_200m, _HOG)
+        time.sleep(0.2)
+        if shielded:
+            assert hog.returncode == -9, (hog.returncode, hog.stdout, hog.stderr)
+            assert holder.poll() is None, "the shielded receiver was OOM-killed"
+        else:
+            assert holder.wait(10) == -9, "the receiver was not the OOM victim"
+            assert hog.returncode == 0, (hog.returncode, hog.stderr)
+        assert cgroup_200m.oom_kills() == 1
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_oom_shield_restores(tmp_path: Path) -> None:
+    f = tmp_path / "oom_score_adj"
+    f.write_text("200\n")
+    with OomShield(path=str(f)) as s:
+        assert s.active and f.read_text() == "-1000"
+    assert f.read_text() == "200"
