@@ -59,12 +59,10 @@ class InsufficientMemory(MigratedError):
 
     The message names the memory needed, the memory available and the limit that
     binds (MemAvailable, a memory cgroup's limit, free huge pages); the hint says how
-    to raise that limit.  Nothing was changed.  ``code`` is the ``Error`` frame code a
-    destination sends when it refuses a guest for this reason.
+    to raise that limit.  Nothing was changed.
     """
 
-    exit_code = 2
-    code = "insufficient-memory"
+    exit_code = 1
 
 
 class GuestCrashed(MigratedError):

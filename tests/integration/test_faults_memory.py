@@ -110,6 +110,7 @@ def test_run_refuses_a_guest_its_cgroup_cannot_hold(cg_160m: MemoryCgroup, workd
         raise AssertionError(
             f"`migrated run` booted a guest its cgroup cannot hold: {err}"
         ) from None
-    assert p.returncode == 2, f"exit {p.returncode} (oom kills {cg_160m.oom_kills()}): {err}"
+    # Refused (exit 1 or 2: the error tree decides), not OOM-killed (-9).
+    assert p.returncode in (1, 2), f"exit {p.returncode} (oom kills {cg_160m.oom_kills()}): {err}"
     assert "256.0 MiB" in err and cg_160m.name in err, err
     assert cg_160m.oom_kills() == 0
