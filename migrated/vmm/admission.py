@@ -22,6 +22,10 @@ Facts we rely on:
   ``memory.usage_in_bytes`` (hierarchy is always on since Linux 5.16).  Usage
   includes page cache the kernel can drop; ``inactive_file`` from ``memory.stat`` is
   counted as available, as container runtimes do for their working set.
+* The cgroup files are read through the cgroup file systems mounted in this
+  process's mount namespace.  Where they are hidden (``ip netns exec`` remounts
+  /sys, and with it /sys/fs/cgroup) the cgroup's limit cannot be read: the
+  admission lists it in ``unchecked`` instead of guessing.
 * ``MemAvailable`` is the kernel's estimate of what can be allocated without swapping.
   It is an estimate, not a promise: other processes allocate too.
 * Populating memory beyond a cgroup's limit does not fail with ENOMEM: the cgroup's
@@ -104,6 +108,9 @@ class Admission:
     headroom_bytes: int
     backing: Backing
     budgets: tuple[MemoryBudget, ...]
+    #: cgroups this process is in but cannot read (see HostMemory.hidden_cgroups):
+    #: their limits were not checked.  Callers should log it as a warning.
+    unchecked: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -121,6 +128,8 @@ class Admission:
             f"{_mib(self.guest_bytes)} guest ({self.backing.value}) + "
             f"{_mib(self.headroom_bytes)} headroom:"
         ]
+        for u in self.unchecked:
+            lines.append(f"  ?     {u}: not visible here (/sys/fs/cgroup hidden?), not checked")
         for b in self.budgets:
             mark = "ok" if b.ok else "SHORT"
             lines.append(
@@ -153,7 +162,9 @@ def assess(
     else:
         budgets = host.memory_budgets(guest_bytes + headroom_bytes)
     budgets.sort(key=lambda b: b.available_bytes - b.needed_bytes)
-    return Admission(guest_bytes, headroom_bytes, backing, tuple(budgets))
+    return Admission(
+        guest_bytes, headroom_bytes, backing, tuple(budgets), tuple(host.hidden_cgroups())
+    )
 
 
 def admit(

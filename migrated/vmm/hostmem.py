@@ -149,6 +149,23 @@ class HostMemory:
                 break
         return found
 
+    def hidden_cgroups(self, controller: str = "memory") -> list[str]:
+        """Cgroups this process belongs to for ``controller`` whose files it cannot see
+        (no mount shows them): their limits cannot be checked.  ``ip netns exec``
+        does this: it remounts /sys, hiding /sys/fs/cgroup.  Returns descriptions
+        such as ``"memory cgroup v1 /a/b"``."""
+        if self.cgroup_dirs(controller):
+            return []
+        mounts = self._mounts()
+        hidden = []
+        v1 = [p for cs, p in self._memberships() if controller in cs]
+        for path in v1:
+            hidden.append(f"{controller} cgroup v1 {path}")
+        has_v2_mount = any(m.fstype == "cgroup2" for m in mounts)
+        if not v1 and not has_v2_mount:
+            hidden += [f"{controller} cgroup v2 {p}" for cs, p in self._memberships() if not cs]
+        return hidden
+
     # -- budgets ------------------------------------------------------------------------
 
     def memory_budgets(self, needed_bytes: int) -> list[MemoryBudget]:

@@ -589,7 +589,8 @@ def assert_failure_message(
 
 #: Words of a reason for a broken link or a dead peer.
 LINK_REASONS = ("reset", "abort", "closed", "lost", "refused", "heartbeat", "broken",
-                "timed out", "timeout", "went away", "died", "killed", "no answer")  # fmt: skip
+                "timed out", "timeout", "went away", "died", "killed", "no answer",
+                "fault injected")  # fmt: skip
 HEARTBEAT = re.compile(r"no heartbeat from the (source|destination) for \d+(\.\d+)? s")
 
 

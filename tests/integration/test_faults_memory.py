@@ -3,7 +3,11 @@
 The receiver runs inside a memory cgroup of our own (tests/integration/faults.py,
 MemoryCgroup) whose limit is smaller than the guest: the migration must fail at Setup
 with a message naming the sizes and the limit, the source VM keeps running and
-verifies, and nothing in the cgroup was OOM-killed.  The same cgroup around
+verifies, and nothing in the cgroup was OOM-killed.
+
+These run on loopback, not in network namespaces: ``ip netns exec`` remounts /sys in
+a new mount namespace, which hides /sys/fs/cgroup from the process it starts, so the
+receiver could not see its own cgroup's limit there.  The same cgroup around
 ``migrated run`` refuses to boot the guest.  A cgroup that is large enough changes
 nothing (the control case).
 """
@@ -29,7 +33,7 @@ from .faults import (
 )
 from .pair import MIGRATED, Guest, Pair
 
-pytestmark = [pytest.mark.faults, pytest.mark.kvm, pytest.mark.uffd, pytest.mark.netns]
+pytestmark = [pytest.mark.faults, pytest.mark.kvm, pytest.mark.uffd]
 
 MiB = 1 << 20
 BIG = Guest(memory_mib=256, vcpus=1, hot_set_mib=8, writes_per_s=20000)
@@ -58,19 +62,19 @@ def cg_512m() -> Iterator[MemoryCgroup]:
 
 @pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
 def test_destination_cgroup_smaller_than_guest(
-    cg_160m: MemoryCgroup, netpair: Pair, mode: str
+    cg_160m: MemoryCgroup, pair: Pair, mode: str
 ) -> None:
-    netpair.start_dest(wrap=cg_160m.wrap())
-    assert netpair.dest is not None and cg_160m.procs() == [netpair.dest.pid]
-    netpair.start_source(BIG)
-    with RunWatch(netpair) as watch:
+    pair.start_dest(wrap=cg_160m.wrap())
+    assert pair.dest is not None and cg_160m.procs() == [pair.dest.pid]
+    pair.start_source(BIG)
+    with RunWatch(pair) as watch:
         # (A short recovery timeout: an engine without admission loses the destination
         # to the OOM killer after the switchover and would otherwise wait 300 s.)
-        r = netpair.send(mode, "--max-precopy-rounds", "2", "--recovery-timeout", "5",
+        r = pair.send(mode, "--max-precopy-rounds", "2", "--recovery-timeout", "5",
                          timeout=120)  # fmt: skip
         text = failure_text(r)
         assert r.returncode == 1, f"send exited {r.returncode}, expected 1\n{text}\n" + (
-            netpair.logs()
+            pair.logs()
         )
         assert cg_160m.oom_kills() == 0, "the destination was OOM-killed instead of refusing"
         assert_failure_message(text, phase="setup", side="destination",
@@ -79,18 +83,18 @@ def test_destination_cgroup_smaller_than_guest(
         assert cg_160m.name in text, f"the limit that binds is not named: {text}"
         # Refused before the switchover: the source never paused its VM.
         assert not {"switchover", "device", "ready"} & set(r.states()), r.states()
-        assert_runs_only_on(netpair, "source", BIG.vcpus)
-        settle_destination_after_abort(netpair, allow_idle=True)
+        assert_runs_only_on(pair, "source", BIG.vcpus)
+        settle_destination_after_abort(pair, allow_idle=True)
         watch.assert_destination_never_ran()
 
 
-def test_destination_cgroup_large_enough(cg_512m: MemoryCgroup, netpair: Pair) -> None:
+def test_destination_cgroup_large_enough(cg_512m: MemoryCgroup, pair: Pair) -> None:
     """The control case: the same harness with room for the guest migrates it."""
-    netpair.start_dest(wrap=cg_512m.wrap())
-    netpair.start_source(GUEST)
-    with RunWatch(netpair) as watch:
-        r = netpair.send("postcopy", timeout=120)
-        expect_completed_on_destination(netpair, r, watch)
+    pair.start_dest(wrap=cg_512m.wrap())
+    pair.start_source(GUEST)
+    with RunWatch(pair) as watch:
+        r = pair.send("postcopy", timeout=120)
+        expect_completed_on_destination(pair, r, watch)
     assert cg_512m.oom_kills() == 0
     assert cg_512m.usage_bytes() > GUEST.memory_mib * MiB  # the guest's RAM was charged here
 

@@ -180,6 +180,22 @@ def test_hybrid_v1_memory_with_v2_unified(tmp_path: Path) -> None:
     admit(64 * MiB, host=host)
 
 
+def test_hidden_cgroup_is_reported_unchecked(tmp_path: Path) -> None:
+    """A v1 memory cgroup listed in /proc/self/cgroup whose mount this process cannot
+    see (``ip netns exec`` hides /sys/fs/cgroup): admitted on MemAvailable, with the
+    cgroup named as not checked."""
+    t = Tree(tmp_path)
+    t.mount("/sys", "sysfs", "rw")
+    t.member("4:memory:/a/b")
+    t.member("0::/")
+    a = admit(64 * MiB, host=t.host())
+    assert [b.limit for b in a.budgets] == ["MemAvailable"]
+    assert a.unchecked == ("memory cgroup v1 /a/b",)
+    assert "not checked" in a.describe()
+    t2 = v1_tree(tmp_path / "visible")
+    assert assess(MiB, host=t2.host()).unchecked == ()
+
+
 def test_unlimited_cgroup_adds_no_budget(tmp_path: Path) -> None:
     t = Tree(tmp_path)
     t.mount("/sys/fs/cgroup/memory", "cgroup", "rw,memory")
