@@ -564,17 +564,20 @@ def failure_text(r: SendResult) -> str:
 def assert_failure_message(
     text: str,
     *,
-    phase: str,
+    phase: str | tuple[str, ...],
     side: str | None,
     reason: tuple[str, ...],
     next_cmd: tuple[str, ...],
 ) -> None:
-    """The message names the phase (one of :data:`PHASE_WORDS`), the side (``source``
+    """The message names the phase (one of :data:`PHASE_WORDS`; with a tuple, any of
+    those phases), the side (``source``
     or ``destination``; None: either), a reason (one of ``reason``, case-insensitive,
     never an empty one after a colon) and the next command (``migrated CMD`` with
     CMD in ``next_cmd``)."""
     low = text.lower()
-    assert any(w in low for w in PHASE_WORDS[phase]), f"no phase ({phase}) in: {text!r}"
+    phases = (phase,) if isinstance(phase, str) else phase
+    words = [w for p in phases for w in PHASE_WORDS[p]]
+    assert any(w in low for w in words), f"no phase ({'/'.join(phases)}) in: {text!r}"
     sides = ("source", "destination") if side is None else (side,)
     assert any(s in low for s in sides), f"no side ({'/'.join(sides)}) in: {text!r}"
     assert any(w.lower() in low for w in reason), f"no reason ({'/'.join(reason)}) in: {text!r}"
@@ -599,7 +602,7 @@ def expect_aborted(
     r: SendResult,
     watch: RunWatch,
     *,
-    phase: str,
+    phase: str | tuple[str, ...],
     side: str | None = None,
     reason: tuple[str, ...] = LINK_REASONS,
     allow_idle_destination: bool = False,
