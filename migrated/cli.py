@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from migrated.errors import ConfigError, MigratedError
+from migrated.errors import ConfigError, ControlError, MigratedError, VmStateUnknown
 from migrated.ui import Printer
 
 EXIT_CODES = """exit codes:
@@ -46,11 +46,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from migrated.service.vmhost import VmHost
     from migrated.transport.faults import from_environment
     from migrated.vmm import load_config
+    from migrated.vmm.admission import admit
 
     config = load_config(args.config)
     if args.console:
         config = dataclasses.replace(config, console=args.console)
     check_host(need_uffd=False)
+    admit(config.memory_bytes, what=f"VM {config.name!r}")
     _configure_logging(logging.INFO)
     host = VmHost(args.control, printer=Printer(args.json), fault=from_environment())
     _loop_policy()
@@ -91,13 +93,28 @@ def cmd_send(args: argparse.Namespace) -> int:
         "postcopy_bandwidth": _mbps(args.postcopy_bandwidth),
     }
 
+    last_state = ""
+
     async def go() -> dict[str, Any]:
+        nonlocal last_state
         result: dict[str, Any] = {}
-        async for msg in stream(args.control, "migrate", **params):
-            if "result" in msg:
-                result = msg["result"]
-            else:
-                printer(msg)
+        try:
+            async for msg in stream(args.control, "migrate", **params):
+                if "result" in msg:
+                    result = msg["result"]
+                else:
+                    if msg.get("event") == "state":
+                        last_state = str(msg.get("status", ""))
+                    printer(msg)
+        except ControlError as exc:
+            if exc.exit_code != VmStateUnknown.exit_code:
+                raise
+            phase = f"in phase {last_state!r}" if last_state else "before it reported a phase"
+            raise VmStateUnknown(
+                f"the source VM process went away during the migration {phase}: {exc}",
+                hint=f"check both hosts with `migrated status` before anything else; "
+                f"the destination is {args.to}",
+            ) from exc
         return result
 
     _loop_policy()
@@ -387,14 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "show the VM and migration state", {}),
         ("verify", "ask the guest to verify all its memory now", {}),
         ("postcopy", "switch a running hybrid migration to postcopy now", {}),
-        ("cancel", "cancel a migration before the point of no return", {}),
+        (
+            "cancel",
+            "cancel a migration before the commit; --force on a destination holding the "
+            "state in doubt drops it (only when the source runs the VM)",
+            {"force": None},
+        ),
         (
             "recover",
             "retry a paused postcopy migration now (optionally to a new address)",
             {"to": None},
         ),
         ("stop", "stop the VM and its process", {"force": None}),
-        ("cont", "resume a VM paused on the source whose destination never ran it", {}),
+        (
+            "cont",
+            "resume a VM paused on the source; --force: also after the commit, only when "
+            "the destination is known dead",
+            {"force": None},
+        ),
     ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--control", required=True)

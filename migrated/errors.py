@@ -93,8 +93,12 @@ class ResourceError(MigratedError):
 
 
 class InsufficientMemory(ResourceError):
-    """Not enough memory on this host for a guest: the message names needed vs
-    available and which limit."""
+    """This host cannot hold a guest's memory (see :mod:`migrated.vmm.admission`).
+
+    The message names the memory needed, the memory available and the limit that
+    binds (MemAvailable, a memory cgroup's limit, free huge pages); the hint says how
+    to raise that limit.  Nothing was changed.
+    """
 
 
 class GuestError(MigratedError):
@@ -178,7 +182,10 @@ class MigrationAborted(MigrationError):
     """Failed before the commit: the VM still runs on the source, unchanged."""
 
     exit_code = 1
-    hint = "the VM is still running on the source; fix the cause and run the migration again"
+    hint = (
+        "the VM is still running on the source, unchanged; fix the cause and run the same "
+        "`migrated send` again"
+    )
 
 
 class PostcopyPaused(MigrationError):

@@ -64,3 +64,6 @@ class RecvOptions:
     handshake_timeout_s: float = 10.0
     #: memory to keep free beyond the guest when admitting it (bytes)
     memory_headroom_bytes: int = 64 << 20
+    #: hold the guest's memory from Setup (filled in, ~0.4 s per GiB here) and give it
+    #: back as pages arrive, so admission cannot be raced (see vmm.admission)
+    reserve_memory: bool = False

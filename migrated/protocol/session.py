@@ -258,7 +258,12 @@ class Session:
         """The next event of ``conn`` (or NEED_DATA / ConnectionClosed), after the
         table accepted it.  Raises RemoteProtocolError for anything refused; after
         that the connection must be closed (an Error naming it may be sent first)."""
-        event = conn.next_event()
+        return self.receive(conn, conn.next_event())
+
+    def receive(self, conn: Connection, event: Any) -> Any:
+        """Account for ``event``, just decoded by ``conn`` itself, and feed it to the
+        table (what :meth:`next_event` does after decoding; separate so a test hook
+        can act between the two).  Raises like :meth:`next_event`."""
         t = type(event)
         if event is ev.NEED_DATA or t is ev.ConnectionClosed:
             return event

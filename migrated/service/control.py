@@ -8,20 +8,47 @@ progress) and ends with exactly one line: ``{"result": {...}}`` or
 Requests are bounded (64 KiB per line); an unknown command or a malformed line is an
 error reply naming it.  The socket file is created with mode 0600: whoever can
 connect can migrate or stop the VM.
+
+Claiming the path (an operator may point ``--control`` anywhere, and two processes may
+start at once with the same path):
+
+* ``PATH.lock`` beside the socket is held with ``flock`` for the server's lifetime and
+  holds its PID.  A second process finds it locked and is refused with that PID; the
+  lock is what makes "check, then replace a stale socket" safe against a concurrent
+  start.  After taking the lock we check that the file we locked is still the one at
+  that path (a closing server unlinks it), else we try again.
+* A path that exists and is not a socket (a config file, a directory, a symlink) is
+  refused and never unlinked.
+* A socket with a live listener (``connect`` succeeds) is refused naming the PID that
+  holds it (``SO_PEERCRED``) and its command line.  A listener that cannot even take
+  a connection (backlog full) is refused too: only ECONNREFUSED proves a socket stale.
+* Only a stale socket is unlinked.  The new socket is bound by us (``bind`` never
+  replaces a file), then handed to asyncio; asyncio's own ``create_unix_server(path)``
+  would unlink whatever socket is there, live or not.
+* On close we unlink the socket only if it is still the inode we bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
+import socket
+import stat
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from migrated.errors import ConfigError, MigratedError
+from migrated.errors import ConfigError, ControlError, MigratedError
 
 __all__ = ["ControlClient", "ControlServer", "Handler", "request", "stream"]
+
+log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 Emit = Callable[[dict[str, Any]], None]
@@ -36,24 +63,43 @@ class ControlServer:
         self.handlers = handlers
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lock: _PathLock | None = None
+        self._inode: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        old = os.umask(0o177)
+        """Claim the path (see the module notes) and listen.  Raises ConfigError
+        naming the path and what holds it; nothing on disk is changed then."""
+        lock = _PathLock.take(self.path)
         try:
-            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
-        finally:
-            os.umask(old)
+            sock = _bind_claimed(self.path)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
+        except BaseException:
+            lock.release(unlink=True)
+            raise
+        self._lock = lock
 
     async def close(self) -> None:
+        """Stop listening, cancel the clients' tasks and wait for them (they belong to
+        this server), then release the path."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
+            self._inode = None
+        if self._lock is not None:
+            self._lock.release(unlink=True)
+            self._lock = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -99,21 +145,181 @@ class ControlServer:
                         }
                     }
                 )
-            except Exception as exc:
-                emit({"error": {"message": f"{type(exc).__name__}: {exc}", "exit_code": 4}})
-            with contextlib.suppress(ConnectionError):
+            except Exception as exc:  # a bug in a handler: say so, keep the traceback
+                log.exception("control command %r failed", req["cmd"])
+                emit(
+                    {
+                        "error": {
+                            "message": f"internal error in {req['cmd']!r}: "
+                            f"{type(exc).__name__}: {exc} (a bug in migrated; see the VM "
+                            "process's log)",
+                            "exit_code": 4,
+                        }
+                    }
+                )
+            try:
                 await writer.drain()
+            except ConnectionError as exc:
+                log.info("control client went away before its answer: %s", exc)
         finally:
             self._tasks.discard(task)
             writer.close()
 
 
-class ControlError(MigratedError):
-    """An error reply from a VM process (carries its exit code and hint)."""
+def _holder(pid: int) -> str:
+    """``PID 123 (migrated recv --listen ...)``, best effort."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return f"PID {pid}"
+    if len(argv) > 2 and argv[1:3] == ["-m", "migrated"]:
+        argv = ["migrated", *argv[3:]]
+    text = " ".join(argv)
+    return f"PID {pid} ({text[:200]})" if text else f"PID {pid}"
 
-    def __init__(self, message: str, *, hint: str = "", exit_code: int = 1) -> None:
-        super().__init__(message, hint=hint)
-        self.exit_code = exit_code
+
+def _refuse_path(path: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"control path {path} {why}",
+        hint=f"stop that process first (`migrated stop --control {path}`) or pass another "
+        "--control path",
+    )
+
+
+class _PathLock:
+    """``PATH.lock``, held with flock by the process that serves ``PATH``."""
+
+    def __init__(self, lock_path: str, fd: int) -> None:
+        self.lock_path = lock_path
+        self.fd = fd
+
+    @classmethod
+    def take(cls, path: str) -> _PathLock:
+        lock_path = path + ".lock"
+        for _ in range(5):
+            try:
+                fd = os.open(
+                    lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the lock file {lock_path} for control socket {path}: "
+                    f"{exc.strerror}",
+                    hint="check that the directory exists and is writable, or pass another "
+                    "--control path",
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    pid_text = _read_pid(fd)
+                finally:
+                    os.close(fd)
+                holder = _holder(int(pid_text)) if pid_text.isdigit() else "another process"
+                raise _refuse_path(
+                    path, f"is in use: {holder} holds its lock file {lock_path}"
+                ) from None
+            # A closing server unlinks the lock file: make sure we hold the one in place.
+            try:
+                here = os.stat(lock_path)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            mine = os.fstat(fd)
+            if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return cls(lock_path, fd)
+        raise _refuse_path(path, f"is contended: its lock file {lock_path} keeps changing")
+
+    def release(self, *, unlink: bool) -> None:
+        if self.fd < 0:
+            return
+        if unlink:  # while still holding it: a waiter then sees the inode change
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _read_pid(fd: int) -> str:
+    """The PID in a lock file; the holder writes it just after taking the lock."""
+    for _ in range(40):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.005)
+    return ""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a socket"
+
+
+def _bind_claimed(path: str) -> socket.socket:
+    """With the path's lock held: refuse a non-socket or a live socket, unlink a
+    stale one, bind and listen.  Returns the listening socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"control path {path} exists and is {_kind(st.st_mode)}, not a socket; "
+            "refusing to replace it (it was left untouched)",
+            hint="pass a path where the socket can be created, e.g. "
+            "/run/migrated/NAME.sock (is --control pointing at the config file?)",
+        )
+    if st is not None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+        except FileNotFoundError:
+            pass  # went away meanwhile
+        except OSError as exc:
+            raise _refuse_path(
+                path, f"is a socket that could not be probed ({exc}); it may be in use"
+            ) from exc
+        else:
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            raise _refuse_path(path, f"is in use: {_holder(pid)} listens on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _refuse_path(path, "appeared while this process was starting") from exc
+        raise ConfigError(
+            f"cannot create control socket {path}: {exc.strerror or exc}",
+            hint="check that the directory exists and is writable and the path is shorter "
+            "than 108 bytes, or pass another --control path",
+        ) from exc
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
 
 
 async def stream(path: str, cmd: str, **args: Any) -> AsyncIterator[dict[str, Any]]:

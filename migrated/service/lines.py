@@ -17,9 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from migrated.errors import MigratedError
-
-from .control import ControlError
+from migrated.errors import ControlError, MigratedError
 
 __all__ = ["Caller", "LineHandler", "exchange", "serve_lines"]
 

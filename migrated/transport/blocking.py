@@ -125,7 +125,7 @@ class BlockingChannel:
         fault = self.fault
         while not self.stopped:
             while True:
-                event = self.session.next_event(conn)
+                event = conn.next_event()
                 if event is NEED_DATA:
                     break
                 if type(event) is ConnectionClosed:
@@ -133,7 +133,7 @@ class BlockingChannel:
                 if fault is not None and fault.due(event, sent=False, before=True):
                     self._cut()
                     raise LinkLost(f"fault injected on receiving {type(event).__name__}")
-                yield event
+                yield self.session.receive(conn, event)
                 if fault is not None and fault.due(event, sent=False, before=False):
                     self._cut()
                     raise LinkLost(f"fault injected after {type(event).__name__}")

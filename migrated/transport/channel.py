@@ -211,8 +211,7 @@ class Channel(asyncio.BufferedProtocol):
         """Hand out every complete event (stops when the channel failed or was lent)."""
         while self.is_open:
             try:
-                session = self.session
-                event = session.next_event(self.conn) if session else self.conn.next_event()
+                event = self.conn.next_event()
                 if event is NEED_DATA:
                     return
                 if type(event) is ConnectionClosed:
@@ -222,8 +221,10 @@ class Channel(asyncio.BufferedProtocol):
                     return
                 fault = self.fault
                 if fault is not None and fault.due(event, sent=False, before=True):
-                    self._cut()
+                    self._cut()  # dropped before anything, the session's table too, saw it
                     return
+                if self.session is not None:
+                    self.session.receive(self.conn, event)
                 self.on_event(self, event)
                 if fault is not None and fault.due(event, sent=False, before=False):
                     self._cut()

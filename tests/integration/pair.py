@@ -241,16 +241,28 @@ class Pair:
     def dest_addr(self) -> str:
         return f"{self.dest_host}:{self.dest_port}"
 
-    def _spawn(self, name: str, side: str, args: list[str]) -> Proc:
+    def _spawn(
+        self,
+        name: str,
+        side: str,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> Proc:
+        """Start ``migrated ARGS`` on ``side`` (in its namespace).  ``env`` adds to the
+        environment (e.g. MIGRATED_FAULT); ``wrap`` is a command prefix run first, in
+        this namespace (e.g. one that joins a cgroup, then execs the rest)."""
         log = self.workdir / f"{name}.log"
         prefix = self.net.exec_prefix(side) if self.net else []
         with open(log, "ab") as f:
             popen = subprocess.Popen(
-                [*prefix, *MIGRATED, *args],
+                [*(wrap or []), *prefix, *MIGRATED, *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
+                env={**os.environ, **env} if env else None,
             )
         p = Proc(name, popen, log)
         self.procs.append(p)
@@ -260,19 +272,39 @@ class Pair:
         return "\n".join(f"--- {p.log.name} (pid {p.pid}) ---\n{tail(p.log)}" for p in self.procs)
 
     # starting
-    def start_source(self, guest: Guest, *, wait_ready: bool = True, timeout: float = 120) -> Proc:
+    def start_source(
+        self,
+        guest: Guest,
+        *,
+        wait_ready: bool = True,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> Proc:
         cfg = self.workdir / "vm.toml"
         cfg.write_text(guest.toml("itest"))
         self.source = self._spawn("source", "source", ["run", str(cfg), "--control",
-                                                       self.src_sock, "--json"])  # fmt: skip
+                                                       self.src_sock, "--json"],
+                                  env=env, wrap=wrap)  # fmt: skip
         if wait_ready:
             self.wait_guest_ready(self.src_sock, self.source, timeout)
         return self.source
 
-    def start_dest(self, timeout: float = 60) -> Proc:
-        listen = f"{self.dest_host}:0"
+    def start_dest(
+        self,
+        timeout: float = 60,
+        *,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        listen_host: str | None = None,
+    ) -> Proc:
+        """Start ``migrated recv`` and wait until it listens.  ``listen_host`` overrides
+        the address it binds (e.g. ``0.0.0.0`` to be reachable on every address of its
+        namespace); :attr:`dest_addr` keeps naming :attr:`dest_host`."""
+        listen = f"{listen_host or self.dest_host}:0"
         self.dest = self._spawn("dest", "dest", ["recv", "--listen", listen, "--control",
-                                                 self.dst_sock, "--json"])  # fmt: skip
+                                                 self.dst_sock, "--json"],
+                                env=env, wrap=wrap)  # fmt: skip
         st = self.wait_for(
             lambda: (self.status(self.dst_sock) or {}).get("port"),
             timeout,

@@ -65,6 +65,7 @@ from migrated.transport.faults import FaultPlan
 from migrated.transport.link import Link
 from migrated.transport.security import Security
 from migrated.vmm import Machine
+from migrated.vmm.admission import OomShield
 
 from ..options import RecvOptions
 from ..ram import PAGE_SIZE, GuestRam, staging_buffer
@@ -76,7 +77,7 @@ from .installer import Installer
 from .pages import PageStore, Runs
 from .prefault import PreFaulter
 from .restore import Prepared, prepare, start, teardown
-from .setup import check_setup
+from .setup import Admit, admit_memory, check_setup, default_admission
 
 __all__ = ["DestinationEngine"]
 
@@ -102,7 +103,7 @@ class DestinationEngine:
         emit: Emit | None = None,
         security: Security | None = None,
         fault: FaultPlan | None = None,
-        admit: Callable[[int], None] | None = None,
+        admit: Admit | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.opts = options or RecvOptions()
@@ -123,6 +124,7 @@ class DestinationEngine:
         self.bulk: list[BulkReceiver] = []
         self.prefaulter: PreFaulter | None = None
         self.guest_started = False
+        self._shield: OomShield | None = None
         self._memory: GuestMemory | None = None
         self._staging: dict[Channel, memoryview] = {}
         self._ring: dict[Channel, memoryview] = {}
@@ -335,24 +337,34 @@ class DestinationEngine:
             handler(self, ch, event)
 
     def _on_setup(self, ch: Channel, s: Setup) -> None:
-        assert self.session is not None and self.link is not None
+        assert self.session is not None
         self.log = migration_logger(
             __name__,
             vm=s.vm_name,
             session=self.session.session_id.hex(),
             phase=lambda: self.state.value,
         )
-        refusal = check_setup(s, self.opts, self.admit)
+        self._own(self._setup(ch, s))
+
+    async def _setup(self, ch: Channel, s: Setup) -> None:
+        refusal = check_setup(s, self.opts)
+        reservation = None
+        if refusal is None:
+            admit = self.admit or default_admission(s.vm_name, self.opts)
+            reservation, refusal = await admit_memory(s, self.opts, admit)
         if refusal is not None:
             code, message = refusal
             self.log.warning("refused the incoming VM: %s", message)
-            ch.send(Error(code, message))
+            with contextlib.suppress(MigratedError):  # gone already: it fails either way
+                ch.send(Error(code, message))
             ch.close()
             self._fail(f"refused the incoming VM {s.vm_name!r}: {message}")
             return
+        self._shield = OomShield()  # this process will hold the only copy of pages
         self._memory = GuestMemory.create(s.layout.regions[0].nbytes)
         ram = GuestRam([(s.layout.regions[0].gpa, self._memory)])
         self.store = PageStore(ram)
+        self.store.reservation = reservation
         st = self.stats
         st.vm_name, st.mode, st.ram_bytes, st.total_pages = (
             s.vm_name,
@@ -361,6 +373,8 @@ class DestinationEngine:
             ram.total_pages,
         )
         st.setup_s = time.monotonic() - self._t0
+        if not ch.is_open:
+            return  # the source went away meanwhile: the link's loss fails the session
         ch.send(SetupAck())
         self._state_event()
 
@@ -616,6 +630,12 @@ class DestinationEngine:
         if self.store is not None:
             self.stats.install_s = self.store.install_s
             self.stats.duplicate_pages = self.store.duplicate_pages
+            if self.store.reservation is not None:
+                self.store.reservation.close()
+                self.store.reservation = None
+        if self._shield is not None:
+            self._shield.close()  # complete here, or never ran here: no longer the only copy
+            self._shield = None
         prepared = self.prepared
         if keep_guest and prepared is not None:
             if prepared.uffd is not None:

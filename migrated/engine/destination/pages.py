@@ -28,6 +28,7 @@ import threading
 import time
 
 from migrated.kernel import PageBitmap, Userfaultfd
+from migrated.vmm.admission import Reservation
 
 from ..ram import PAGE_SIZE, GuestRam
 
@@ -51,6 +52,9 @@ class PageStore:
         self.sealed = False
         self.install_s = 0.0
         self.duplicate_pages = 0
+        #: Memory held for the guest since Setup (vmm.admission.Reservation), given
+        #: back as pages with data take their place; None when not reserving.
+        self.reservation: Reservation | None = None
 
     @property
     def total_pages(self) -> int:
@@ -75,7 +79,7 @@ class PageStore:
     def precopy_pages(self, page: int, npages: int) -> None:
         """The payload of a precopy Pages frame is in place."""
         self.zero.clear(page, npages)
-        self._mark(page, npages)
+        self._took(self._mark(page, npages))
 
     def precopy_zero(self, page: int, npages: int) -> None:
         self.ram.discard(page, npages)  # reads as zero; a no-op where never written
@@ -139,7 +143,14 @@ class PageStore:
                 self.install_s += elapsed
                 self.duplicate_pages += r.already_present // PAGE_SIZE
                 new.extend(self._mark_locked(i, n))
+        if data is not None:
+            self._took(new)
         return new
+
+    def _took(self, runs: Runs) -> None:
+        """Pages with data now hold memory: give the same back from the reservation."""
+        if self.reservation is not None and runs:
+            self.reservation.release(sum(n for _, n in runs) * PAGE_SIZE)
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from migrated.transport.faults import FaultPlan
 from migrated.transport.link import Link
 from migrated.transport.security import Security
 from migrated.vmm import Machine
+from migrated.vmm.admission import OomShield
 
 from ..options import Mode, SendOptions
 from ..ram import PAGE_SIZE, GuestRam
@@ -212,8 +213,14 @@ class SourceEngine:
             except BaseException as exc:
                 await self._abort(exc)
                 raise AssertionError("unreachable") from exc
-            await run_postcopy(self)
-            await self._finish()
+            # Until completion this process holds the only copy of the pages the
+            # destination lacks: the OOM killer must pick someone else.
+            shield = OomShield()
+            try:
+                await run_postcopy(self)
+                await self._finish()
+            finally:
+                shield.close()
             return self.stats
         finally:
             reporter.cancel()
