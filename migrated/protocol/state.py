@@ -179,7 +179,7 @@ MESSAGE_RULES: tuple[MessageRule, ...] = (
     MessageRule(
         ev.Complete,
         _DST,
-        to(S.COMPLETED, S.POSTCOPY_ACTIVE, S.COMPLETED),
+        to(S.COMPLETED, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.COMPLETED),
         to(S.COMPLETED, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER, S.COMPLETED),
     ),
     MessageRule(ev.CompleteAck, _SRC, same(S.COMPLETED), same(S.COMPLETED)),

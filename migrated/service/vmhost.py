@@ -123,6 +123,8 @@ class VmHost:
             self._tg = None
             if self._control is not None:
                 await self._control.close()
+            if self.destination is not None:
+                await self.destination.close()
             machine = self.machine
             if machine is not None:
                 await asyncio.to_thread(machine.close)
@@ -183,7 +185,8 @@ class VmHost:
         if dst is not None and dst.session is not None:
             if dst.state is S.READY:
                 return "this destination holds the VM state in doubt (the source may commit it)"
-            if dst.session.point_of_no_return and dst.state is not S.COMPLETED:
+            complete_here = dst.store is not None and dst.store.complete
+            if dst.session.point_of_no_return and not complete_here:
                 return f"postcopy is in progress ({dst.state.value}): pages are still arriving"
         return None
 

@@ -20,8 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from migrated.errors import LinkLost, PeerRefused, RemoteProtocolError, TransportError
-from migrated.protocol import ChannelRole, Error, Welcome
+from migrated.errors import (
+    LinkLost,
+    MigratedError,
+    PeerRefused,
+    RemoteProtocolError,
+    TransportError,
+)
+from migrated.protocol import ChannelRole, Error, ErrorCode, Welcome
 from migrated.protocol.connection import Connection
 from migrated.protocol.session import HandshakeTimeout, HeartbeatDue, LinkSilent, Session
 
@@ -274,6 +280,10 @@ class Link:
                         log.info("heartbeat not sent: %s", exc)
             elif isinstance(due, LinkSilent):
                 log.warning("link lost: %s", due.reason)
+                ch = self.channels.get(due.conn)
+                if ch is not None and ch.is_open:  # name it to the peer, if it still hears
+                    with contextlib.suppress(MigratedError):
+                        ch.send(Error(ErrorCode.TIMEOUT, due.reason))
                 self.cut(due.reason)
             elif isinstance(due, HandshakeTimeout):
                 ch = self.channels.get(due.conn)

@@ -171,20 +171,27 @@ class DestinationEngine:
             await self._release(
                 keep_guest=self.session is not None and self.session.point_of_no_return
             )
+            await self.close()
             raise
         finally:
             reporter.cancel()
-            for task in list(self._tasks):
-                task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._acceptor is not None:
-                self._acceptor.close()
-            if self.link is not None:
-                self.link.close()
             self.stats.status = self.state.value
+        # The port stays open until close(): a source that missed our Complete (the
+        # link broke) reconnects and is told again (docs/protocol.md §7).
         assert self.prepared is not None
         return self.prepared.machine
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, wait for our tasks (idempotent)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        if self.link is not None:
+            self.link.close()
 
     def abandon(self, reason: str) -> None:
         """The operator gives up a session in doubt (``ready``: the source keeps the
@@ -269,6 +276,14 @@ class DestinationEngine:
         if self.session.state is S.READY:
             ch.send(Ready())  # still waiting for the Commit
             self.log.info("the source reconnected while the state is held in doubt")
+            return
+        if self.store.complete and self.guest_started:
+            # Everything is here: the source only needs to hear it (again).
+            ch.send(Complete(self.store.count))
+            if not self._complete_sent:
+                self._complete_sent = True
+                self._own(self._finish())
+            self.log.info("the source reconnected after every page arrived: Complete")
             return
         ch.send(ReceivedBitmap(memoryview(self.store.snapshot())))
         self.stats.recoveries += 1
@@ -572,11 +587,12 @@ class DestinationEngine:
             return
         if not store.complete or self.state is not S.POSTCOPY_ACTIVE or link.main is None:
             return
-        link.send_main(Complete(store.count))
+        link.send_main(Complete(store.count))  # the destination's part is done
         self._complete_sent = True
+        self._own(self._finish())
 
     def _on_complete_ack(self, ch: Channel, a: CompleteAck) -> None:
-        self._own(self._finish())
+        self.log.info("the source released its copy of the VM")
 
     async def _finish(self) -> None:
         await self._release(keep_guest=True)
