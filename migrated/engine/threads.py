@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from migrated.errors import MigratedError
+
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,14 @@ class Worker:
         self.stop()
         try:
             await self.join()
-        except Exception:
+        except Exception as failure:
             if exc[0] is None:
                 raise
-            log.warning("thread %s failed while its owner was failing", self.name, exc_info=True)
+            # The owner's own failure is what propagates; the thread's is logged: a
+            # network error as one line (it is the same story), anything else in full.
+            if isinstance(failure, MigratedError):
+                log.info("thread %s ended with its owner: %s", self.name, failure)
+            else:
+                log.warning(
+                    "thread %s failed while its owner was failing", self.name, exc_info=True
+                )

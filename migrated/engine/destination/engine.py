@@ -76,7 +76,7 @@ from .faults import FaultService
 from .installer import Installer
 from .pages import PageStore, Runs
 from .prefault import PreFaulter
-from .restore import Prepared, prepare, start, teardown
+from .restore import KVM, Backend, Prepared, prepare, start, teardown
 from .setup import Admit, admit_memory, check_setup, default_admission
 
 __all__ = ["DestinationEngine"]
@@ -104,6 +104,7 @@ class DestinationEngine:
         security: Security | None = None,
         fault: FaultPlan | None = None,
         admit: Admit | None = None,
+        backend: Backend = KVM,
     ) -> None:
         self.host, self.port = host, port
         self.opts = options or RecvOptions()
@@ -111,6 +112,7 @@ class DestinationEngine:
         self.security = security or Security.plain()
         self.fault = fault
         self.admit = admit
+        self.backend = backend
         self.stats = MigrationStats(role="destination")
         self.session: Session | None = None
         self.link: Link | None = None
@@ -514,6 +516,7 @@ class DestinationEngine:
                 state_bytes,
                 self._memory,
                 self.store,
+                backend=self.backend,
                 console=self.opts.console,
                 steps=self.stats.downtime_breakdown_ms,
             )

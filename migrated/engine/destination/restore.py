@@ -15,6 +15,7 @@ Facts we rely on:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from migrated.errors import MigratedError, RemoteProtocolError
@@ -26,7 +27,7 @@ from migrated.vmm.state import VmState as MachineState
 from ..stats import StepTimer
 from .pages import PageStore
 
-__all__ = ["Prepared", "prepare", "start", "teardown"]
+__all__ = ["KVM", "Backend", "Prepared", "prepare", "start", "teardown"]
 
 
 @dataclass
@@ -37,7 +38,40 @@ class Prepared:
     uffd: Userfaultfd | None
 
 
-def _restore(
+def _restore_machine(state_bytes: bytes, memory: GuestMemory, console: str | None) -> Machine:
+    try:
+        state = MachineState.from_bytes(state_bytes)
+    except MigratedError as exc:
+        raise RemoteProtocolError(
+            f"cannot restore the VM from its state: {exc}", code=ErrorCode.RESTORE_FAILED
+        ) from exc
+    try:
+        return Machine.restore(state, memory=memory, own_memory=True, console=console)
+    except MigratedError as exc:
+        raise RemoteProtocolError(
+            f"cannot restore the VM here: {exc}", code=ErrorCode.RESTORE_FAILED
+        ) from exc
+
+
+def _open_uffd() -> Userfaultfd:
+    return Userfaultfd.open(UffdFeature.THREAD_ID)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the destination turns a state into a VM and gets a userfaultfd: KVM's and
+    the kernel's (:data:`KVM`), or a test's in-memory fakes.  ``restore`` raises
+    RemoteProtocolError (code ``restore-failed``) for a state it cannot restore."""
+
+    restore: Callable[[bytes, GuestMemory, str | None], Machine]
+    open_uffd: Callable[[], Userfaultfd]
+
+
+KVM = Backend(_restore_machine, _open_uffd)
+
+
+def _prepare(
+    backend: Backend,
     state_bytes: bytes,
     memory: GuestMemory,
     store: PageStore,
@@ -45,16 +79,9 @@ def _restore(
     steps: dict[str, float],
 ) -> Prepared:
     mark = StepTimer(steps).mark
-    try:
-        state = MachineState.from_bytes(state_bytes)
-    except MigratedError as exc:
-        raise RemoteProtocolError(
-            f"cannot restore the VM from its state: {exc}", code=ErrorCode.RESTORE_FAILED
-        ) from exc
-    mark("parse-state")
     uffd = None
     if not store.complete:
-        uffd = Userfaultfd.open(UffdFeature.THREAD_ID)
+        uffd = backend.open_uffd()
         try:
             for r in store.ram.regions:
                 uffd.register(r.memory.address, r.memory.nbytes)
@@ -64,11 +91,11 @@ def _restore(
     store.seal(uffd)
     mark("userfaultfd-register")
     try:
-        machine = Machine.restore(state, memory=memory, own_memory=True, console=console)
-    except MigratedError as exc:
-        raise RemoteProtocolError(
-            f"cannot restore the VM here: {exc}", code=ErrorCode.RESTORE_FAILED
-        ) from exc
+        machine = backend.restore(state_bytes, memory, console)
+    except BaseException:
+        if uffd is not None:
+            uffd.close()
+        raise
     mark("create-vm")
     return Prepared(machine, uffd)
 
@@ -78,13 +105,14 @@ async def prepare(
     memory: GuestMemory,
     store: PageStore,
     *,
+    backend: Backend = KVM,
     console: str | None,
     steps: dict[str, float],
 ) -> Prepared:
-    """Parse the state, register guest RAM, create the VM (not started).  Raises
+    """Register guest RAM, then create the VM from its state (not started).  Raises
     RemoteProtocolError (code ``restore-failed``) when the state cannot be restored;
     the caller answers Error and tears down."""
-    return await asyncio.to_thread(_restore, state_bytes, memory, store, console, steps)
+    return await asyncio.to_thread(_prepare, backend, state_bytes, memory, store, console, steps)
 
 
 async def start(prepared: Prepared) -> dict[int, int]:

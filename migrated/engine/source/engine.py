@@ -144,6 +144,7 @@ class SourceEngine:
         self.dest_bytes_received = 0
         self.downtime_t0 = 0.0
         self.pusher: PushCounters | None = None
+        self.sent_at_commit: PageBitmap | None = None
         #: True when a failure left the destination possibly holding our state in
         #: doubt (VmState went out, Commit did not): :meth:`withdraw` settles it.
         self.needs_withdraw = False
@@ -301,7 +302,7 @@ class SourceEngine:
 
     def _future(self, name: str) -> asyncio.Future[Any]:
         fut = self._futures.get(name)
-        if fut is None or (fut.done() and name in ("ack", "resumed")):
+        if fut is None:
             fut = self._futures[name] = asyncio.get_running_loop().create_future()
         return fut
 
@@ -322,7 +323,12 @@ class SourceEngine:
         return self._future("resumed")
 
     def ack_arrived(self) -> asyncio.Future[Any]:
-        return self._future("ack")
+        """A future for the next PrecopyRoundAck (a fresh one once the last arrived)."""
+        fut = self._future("ack")
+        if fut.done():
+            del self._futures["ack"]
+            fut = self._future("ack")
+        return fut
 
     def _resolve(self, name: str, value: Any) -> None:
         fut = self._future(name)

@@ -98,6 +98,10 @@ async def _resume(eng: SourceEngine) -> None:
         assert answer.data is not None
         eng.cursor.reset(eng.received_bitmap(answer.data))
     else:  # Ready: the destination never received our Commit
+        # It holds exactly what preceded VmState: what a push claimed since never
+        # arrived (pages that overtook the Commit are installed once, duplicates ignored).
+        assert eng.sent_at_commit is not None
+        eng.cursor.reset(eng.sent_at_commit)
         eng.link.send_main(Commit())
         eng.log.info("the destination had not received Commit: sent it again")
     await eng.link.open(

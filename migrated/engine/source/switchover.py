@@ -83,6 +83,10 @@ async def switch_over(eng: SourceEngine) -> None:
     eng.state_changed()
     await eng.until(eng.ready, timeout_s=opts.ready_timeout_s, what="the destination's Ready")
     mark("wait-ready")
+    eng.state_changed()
+    # What the destination holds now, in case it never receives the Commit: a
+    # reconnect answered by Ready resumes the push from here (docs/protocol.md §7).
+    eng.sent_at_commit = eng.cursor.sent.copy()
     eng.link.send_main(Commit())  # the point of no return
     mark("commit")
     eng.log.event("switchover", "committed the VM to the destination (Commit sent)")
