@@ -127,7 +127,7 @@ async def migrate(host: VmHost, req: Request, emit: Emit) -> dict[str, Any]:
         target = _target(req, required=True)
         assert target is not None
         out = host.start_migration(m, target[0], target[1], opts)
-    stats = await out.follow(emit, wait_paused_s=out.engine.opts.recovery_timeout_s)
+    stats = await out.follow(emit, wait_paused_s=opts.recovery_timeout_s)
     return {"status": "completed", "stats": stats.to_dict(), "exit_code": 0}
 
 

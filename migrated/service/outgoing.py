@@ -61,13 +61,17 @@ class Outgoing:
         paused for ``wait_paused_s`` (the migration goes on)."""
         assert self.task is not None
         self._followers.add(emit)
+        started = time.monotonic()
         try:
             while not self.task.done():
                 self._changed.clear()
                 paused_since = self.engine.paused_since
                 timeout = None
                 if paused_since is not None:
-                    timeout = paused_since + wait_paused_s - time.monotonic()
+                    # This follower waits wait_paused_s from when it started watching
+                    # (a second `send` on a paused migration gets its own window).
+                    waiting_since = max(paused_since, started)
+                    timeout = waiting_since + wait_paused_s - time.monotonic()
                     if timeout <= 0:
                         raise self._paused_error(time.monotonic() - paused_since)
                 changed = asyncio.create_task(self._changed.wait())

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from migrated.engine import DestinationEngine, RecvOptions, SendOptions, SourceEngine
+from migrated.engine.source.engine import phase_name
 from migrated.errors import MigratedError, MigrationAborted, StateError
 from migrated.protocol.state import MigrationState
 from migrated.transport.faults import FaultPlan
@@ -82,6 +83,8 @@ class VmHost:
         self.last_migration: dict[str, Any] | None = None
         self.exit_code = 0
         self.exit_reason = ""
+        #: Why this process is stopping while a migration runs (a signal), or "".
+        self.stopping = ""
         self._print: Emit = printer or (lambda e: None)
         self._done = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -199,8 +202,17 @@ class VmHost:
             return
         out = self.outgoing
         if out is not None and out.running:
-            out.engine.cancel(f"the source VM process received {name}")
+            # Cancel first (the VM resumes here), tell the followers the truth, then stop.
+            self.stopping = f"the source VM process received {name}"
+            out.engine.cancel(self.stopping)
+            self.spawn(self._stop_after(out, name), "migrated-stop")
+            return
         self.finish(0, f"stopped by {name}")
+
+    async def _stop_after(self, out: Outgoing, name: str) -> None:
+        assert out.task is not None
+        await asyncio.wait([out.task])
+        asyncio.get_running_loop().call_later(0.2, self.finish, 0, f"stopped by {name}")
 
     # -- starting ----------------------------------------------------------------------
 
@@ -301,6 +313,14 @@ class VmHost:
             stats = await eng.run()
         except MigrationAborted as exc:
             out.error = exc
+            if self.stopping:
+                phase = phase_name(eng.session.table.before_end)
+                out.error = MigrationAborted(
+                    f"migration to {eng.host}:{eng.port} cancelled in {phase}: "
+                    f"{self.stopping}, so it stops the VM; nothing runs on the destination",
+                    hint="the VM was not migrated and is stopping: start it again with "
+                    "`migrated run CONFIG` and migrate it with `migrated send`",
+                )
             self.last_migration = eng.stats.to_dict()
             machine = self.machine
             if machine is not None and machine.runstate is Runstate.PAUSED:

@@ -124,7 +124,7 @@ class Link:
             exc = ch.closed.exception() if ch.closed.done() else None
             raise exc or LinkLost(
                 f"no Welcome from {host}:{port} on the {channel.name} connection within "
-                f"{timeout_s:g} s"
+                f"{timeout_s:g} s (the peer accepted the connection but did not answer)"
             )
         except BaseException:
             ch.abort()
@@ -206,7 +206,9 @@ class Link:
         """Send on MAIN.  Raises LinkLost when there is no open MAIN connection."""
         main = self.main
         if main is None:
-            raise LinkLost(f"no MAIN connection to send {type(event).__name__} on")
+            raise LinkLost(
+                self.session.lost_reason or f"no MAIN connection to send {type(event).__name__} on"
+            )
         main.send(event)
 
     # -- losing and closing ------------------------------------------------------------

@@ -32,6 +32,8 @@ from migrated.errors import (
     MigratedError,
     MigrationAborted,
     PeerRefused,
+    RemoteProtocolError,
+    TransportError,
 )
 from migrated.kernel import PageBitmap
 from migrated.log import migration_logger
@@ -78,6 +80,19 @@ S = MigrationState
 
 class _Cancelled(MigratedError):
     """Internal: the operator cancelled before the commit."""
+
+
+def phase_name(state: MigrationState) -> str:
+    """The phase a state belongs to, as an operator says it."""
+    return {S.ACTIVE: "precopy", S.DEVICE: "switchover (device state)"}.get(state, state.value)
+
+
+def fault_side(exc: BaseException) -> str:
+    """Which side a failure before the commit came from: the network and the peer's
+    refusals are the destination's side, everything else happened here."""
+    if isinstance(exc, TransportError | PeerRefused | RemoteProtocolError):
+        return "destination"
+    return "source"
 
 
 class SourceEngine:
@@ -205,6 +220,7 @@ class SourceEngine:
             fault=self.fault,
         )
         reporter = asyncio.create_task(self._report_progress(), name="migrated-progress")
+        self.state_changed()  # setup
         try:
             try:
                 await self._setup()
@@ -277,10 +293,15 @@ class SourceEngine:
         self.state_changed()
         if isinstance(exc, asyncio.CancelledError):
             raise exc
-        what = "cancelled" if cancelled else f"failed in {self.session.table.before_end.value}"
+        phase = phase_name(self.session.table.before_end)
+        if cancelled:
+            what = f"cancelled in {phase}"
+        else:
+            what = f"failed in {phase} on the {fault_side(exc)} side"
         self.log.event("failed", "migration %s: %s; the VM runs here again", what, reason)
         raise MigrationAborted(
-            f"migration {what}: {reason}; the VM is running on the source, unchanged"
+            f"migration to {self.host}:{self.port} {what}: {reason}; the VM is running on "
+            "the source, unchanged"
         ) from exc
 
     async def withdraw(self) -> bool:
@@ -358,7 +379,7 @@ class SourceEngine:
         if trouble.done():
             raise trouble.result()
         if what:
-            raise LinkLost(f"no {what} within {timeout_s:g} s")
+            raise LinkLost(f"no {what} within {timeout_s:g} s (the destination did not answer)")
         return None
 
     async def wait_for_retry(self, delay_s: float) -> None:
