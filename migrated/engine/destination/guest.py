@@ -1,0 +1,211 @@
+"""The guest on the destination: restored at VmState, run at Commit, done at Complete.
+
+``VmState`` is restored into a VM that does not run yet (``restore``) and answered with
+``Ready``; ``Commit`` starts its vCPUs — from then on faults are served (``faults``) and
+installed ranges are pre-faulted (``prefault``) — and is answered with ``Running``.
+Once every page is installed the destination sends ``Complete`` and is done: it
+releases its threads and userfaultfd, and the VM is like any other here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+from migrated.errors import MigratedError
+from migrated.protocol import (
+    AllSent,
+    Commit,
+    Complete,
+    CompleteAck,
+    Error,
+    ErrorCode,
+    PageRequest,
+    Ready,
+    Running,
+    Switchover,
+    VmState,
+)
+from migrated.protocol.state import MigrationState
+from migrated.transport.channel import Channel
+
+from .faults import FaultService
+from .prefault import PreFaulter
+from .restore import prepare, start, teardown
+
+if TYPE_CHECKING:
+    from .engine import DestinationEngine
+
+__all__ = [
+    "finish",
+    "maybe_complete",
+    "on_all_sent",
+    "on_commit",
+    "on_complete_ack",
+    "on_switchover",
+    "on_vm_state",
+    "release",
+]
+
+S = MigrationState
+
+
+def on_switchover(eng: DestinationEngine, ch: Channel, s: Switchover) -> None:
+    eng.t_switch = time.monotonic()
+    eng.stats.precopy_s = eng.t_switch - eng.t0 - eng.stats.setup_s
+    eng.state_event()
+
+
+def on_vm_state(eng: DestinationEngine, ch: Channel, v: VmState) -> None:
+    assert v.data is not None
+    eng.own(prepare_guest(eng, bytes(v.data)))
+
+
+async def prepare_guest(eng: DestinationEngine, state_bytes: bytes) -> None:
+    assert eng.store is not None and eng.memory is not None and eng.link is not None
+    try:
+        eng.prepared = await prepare(
+            state_bytes,
+            eng.memory,
+            eng.store,
+            backend=eng.backend,
+            console=eng.opts.console,
+            steps=eng.stats.downtime_breakdown_ms,
+        )
+    except MigratedError as exc:
+        code = getattr(exc, "code", ErrorCode.RESTORE_FAILED)
+        eng.log.error("cannot restore the VM: %s", exc)
+        with contextlib.suppress(MigratedError):  # gone too: the source resumes anyway
+            eng.link.send_main(Error(code, f"destination: {exc}"[:4000]))
+        eng.fail(f"could not restore the VM here: {exc}")
+        return
+    eng.memory = None  # the machine owns it now
+    if eng.state is not S.DEVICE:
+        return  # the session ended meanwhile: _release tears it down
+    eng.link.send_main(Ready())
+    eng.log.info("holding the complete VM state; Ready sent, waiting for Commit")
+    eng.state_event()
+
+
+def on_commit(eng: DestinationEngine, ch: Channel, c: Commit) -> None:
+    eng.own(run_guest(eng))
+
+
+async def run_guest(eng: DestinationEngine) -> None:
+    assert eng.prepared is not None and eng.store is not None and eng.link is not None
+    uffd = eng.prepared.uffd
+    if uffd is not None:
+        eng.faults = FaultService(
+            eng.store, uffd, eng.stats, partial(send_request, eng), partial(fault_failure, eng)
+        )
+        eng.faults.start()
+    tids = await start(eng.prepared)
+    if eng.faults is not None:
+        eng.faults.tid_to_vcpu = tids
+    eng.guest_started = True
+    eng.t_running = time.monotonic()
+    eng.stats.downtime_s = eng.t_running - (eng.t_switch or eng.t_running)
+    eng.log.event("switchover", "the guest runs here (Commit received)")
+    try:
+        eng.link.send_main(Running())
+    except MigratedError as exc:
+        eng.log.info("Running not sent: %s", exc)
+    eng.state_event()
+    if eng.opts.prefault:
+        eng.prefaulter = PreFaulter(eng.prepared.machine)
+        page, _ = eng.store.received.find_run(0, True)
+        eng.prefaulter.start(None if page < 0 else eng.store.ram.gpa_of_page(page))
+    maybe_complete(eng)
+
+
+def send_request(eng: DestinationEngine, req: PageRequest) -> bool:
+    link = eng.link
+    if link is None or eng.state is not S.POSTCOPY_ACTIVE:
+        return False
+    ch = link.urgent or link.main
+    if ch is None:
+        return False
+    try:
+        ch.send(req)
+    except MigratedError:
+        return False
+    return True
+
+
+def fault_failure(eng: DestinationEngine, exc: BaseException) -> None:
+    eng.stats.error = f"fault service failed: {exc}"
+    eng.log.error("%s", eng.stats.error)
+    eng.state_event()
+
+
+def on_all_sent(eng: DestinationEngine, ch: Channel, a: AllSent) -> None:
+    maybe_complete(eng)
+
+
+def maybe_complete(eng: DestinationEngine) -> None:
+    store, link = eng.store, eng.link
+    if eng.complete_sent or store is None or link is None or not eng.guest_started:
+        return
+    if not store.complete or eng.state is not S.POSTCOPY_ACTIVE or link.main is None:
+        return
+    link.send_main(Complete(store.count))  # the destination's part is done
+    eng.complete_sent = True
+    eng.own(finish(eng))
+
+
+def on_complete_ack(eng: DestinationEngine, ch: Channel, a: CompleteAck) -> None:
+    eng.log.info("the source released its copy of the VM")
+
+
+async def finish(eng: DestinationEngine) -> None:
+    await release(eng, keep_guest=True)
+    now = time.monotonic()
+    eng.stats.postcopy_s = now - eng.t_running
+    eng.stats.total_s = now - eng.t0
+    eng.log.event("completed", "migration completed in %.3f s", eng.stats.total_s)
+    eng.state_event()
+    if eng.done is not None and not eng.done.done():
+        eng.done.set_result(None)
+
+
+async def release(eng: DestinationEngine, *, keep_guest: bool) -> None:
+    """Stop and join every thread, close userfaultfd; without ``keep_guest`` also
+    destroy the VM and its memory (the guest never ran here)."""
+    for receiver in list(eng.bulk):
+        receiver.worker.stop()
+        try:
+            await receiver.worker.join()
+        except MigratedError as exc:
+            eng.log.info("BULK receiver ended: %s", exc)
+    if eng.installer is not None:
+        await eng.installer.close()
+        eng.installer = None
+    if eng.faults is not None:
+        eng.faults.stop()
+        eng.faults = None
+    if eng.prefaulter is not None:
+        eng.stats.prefault = eng.prefaulter.report()
+        await eng.prefaulter.close()
+        eng.prefaulter = None
+    if eng.store is not None:
+        eng.stats.install_s = eng.store.install_s
+        eng.stats.duplicate_pages = eng.store.duplicate_pages
+        if eng.store.reservation is not None:
+            eng.store.reservation.close()
+            eng.store.reservation = None
+    if eng.shield is not None:
+        eng.shield.close()  # complete here, or never ran here: no longer the only copy
+        eng.shield = None
+    prepared = eng.prepared
+    if keep_guest and prepared is not None:
+        if prepared.uffd is not None:
+            for r in prepared.machine.regions:
+                prepared.uffd.unregister(r.memory.address, r.memory.nbytes)
+            prepared.uffd.close()
+            prepared.uffd = None
+        return
+    eng.prepared = None
+    await teardown(prepared, eng.memory)
+    eng.memory = None
