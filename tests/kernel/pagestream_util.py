@@ -35,10 +35,13 @@ SID = b"\x07" * 16
 
 
 def opened(
-    layout: MemoryLayout, checksum: str | None = None, channel: ChannelRole = ChannelRole.BULK
+    layout: MemoryLayout,
+    checksum: str | None = None,
+    channel: ChannelRole = ChannelRole.BULK,
+    max_frame: int = MAX_FRAME,
 ) -> Loopback:
     """A source/destination pair of Connections after the handshake."""
-    lb = Loopback(channel, layout=layout, max_frame_payload=MAX_FRAME)
+    lb = Loopback(channel, layout=layout, max_frame_payload=max_frame)
     features = frozenset() if checksum is None else frozenset({f"checksum-{checksum}"})
     lb.handshake(SID, source_features=features, dest_features=features)
     return lb

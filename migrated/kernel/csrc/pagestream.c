@@ -330,15 +330,14 @@ int64_t mig_msgpack_extent(const uint8_t *p, size_t n, uint64_t max_pending) {
 /* ---- waiting ---- */
 
 /* Waits until fd has `events` or wake_fd is readable.  Returns 1 (fd ready), 2 (woken;
- * the eventfd is drained), 0 (timeout), or -errno. */
+ * the eventfd is drained), 0 (timeout, or a signal: return to Python so that it can
+ * run its handlers, e.g. KeyboardInterrupt), or -errno. */
 static int wait_fd(int fd, short events, int wake_fd, int timeout_ms, uint64_t *wait_ns) {
     struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = wake_fd, .events = POLLIN}};
     uint64_t t0 = now_ns();
-    int r;
-    do {
-        r = poll(p, wake_fd >= 0 ? 2 : 1, timeout_ms);
-    } while (r < 0 && errno == EINTR);
+    int r = poll(p, wake_fd >= 0 ? 2 : 1, timeout_ms);
     *wait_ns += now_ns() - t0;
+    if (r < 0 && errno == EINTR) return 0;
     if (r < 0) return -errno;
     if (r == 0) return 0;
     if (wake_fd >= 0 && (p[1].revents & POLLIN)) {
@@ -588,7 +587,8 @@ static int rx_install(struct mig_rx *rx) {
  *   MIG_RX_TRUNCATED    the stream ended inside a Pages payload: handback[] is its
  *                       header, handback_payload bytes of payload lie at
  *                       handback_payload_addr (feed both, then EOF, to the Connection)
- *   MIG_RX_IDLE         no byte arrived for timeout_ms (state kept: call again)
+ *   MIG_RX_IDLE         no byte arrived for timeout_ms, or a signal interrupted the
+ *                       wait (state kept: call again)
  *   MIG_RX_INTERRUPTED  interrupt was set (state kept)
  *   MIG_RX_ERROR        err holds the errno (socket or userfaultfd)
  * runs[0..2*nruns) lists the pages this call newly installed. */
@@ -827,7 +827,8 @@ static int tx_claim(struct mig_tx *t) {
  * until an event:
  *   MIG_TX_BATCH        batch_nbytes written since this call began (frames complete)
  *   MIG_TX_DONE         no unsent page is left (everything written)
- *   MIG_TX_IDLE         the socket had no room for timeout_ms (state kept)
+ *   MIG_TX_IDLE         the socket had no room for timeout_ms, or a signal came
+ *                       (state kept)
  *   MIG_TX_INTERRUPTED  interrupt was set (state kept)
  *   MIG_TX_ERROR        err holds the errno of sendmsg or poll */
 int mig_tx_run(struct mig_tx *t, uint64_t batch_nbytes, int timeout_ms) {
