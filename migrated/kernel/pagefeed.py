@@ -101,6 +101,7 @@ class Reason(enum.Enum):
     EOF = "eof"  # the stream ended; events ends with ConnectionClosed
     IDLE = "idle"  # nothing arrived for timeout_s
     INTERRUPTED = "interrupted"  # interrupt() was called
+    WANTED = "wanted"  # a watched page was installed (see ReceiveLoop.watch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,8 @@ class AcceleratedReceiver:
         self._runs.extend(loop.runs())
         if ev is RxEvent.BATCH:
             return Reason.BATCH
+        if ev is RxEvent.WANTED:
+            return Reason.WANTED
         if ev is RxEvent.IDLE:
             return Reason.IDLE
         if ev is RxEvent.INTERRUPTED:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._util import ffi, lib, raise_errno
+from .bitmap import PageBitmap
 from .pagemap import PageMap, Runs
 
 __all__ = ["ReceiveLoop", "RxEvent", "RxStats"]
@@ -41,6 +42,7 @@ class RxEvent(enum.IntEnum):
     IDLE = lib.MIG_RX_IDLE  # nothing arrived for timeout_s (call again)
     INTERRUPTED = lib.MIG_RX_INTERRUPTED  # interrupt() was called
     TRUNCATED = lib.MIG_RX_TRUNCATED  # the stream ended inside a Pages payload
+    WANTED = lib.MIG_RX_WANTED  # a page set in the watch bitmap was just installed
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class ReceiveLoop:
             raise_errno(ffi.errno or 12, "allocating the receive loop")
         self._rx: Any = rx
         self._busy = threading.Lock()
+        self._wanted: PageBitmap | None = None
         self._final: RxStats | None = None
 
     def run(self, *, batch_nbytes: int, timeout_s: float) -> RxEvent:
@@ -128,6 +131,17 @@ class ReceiveLoop:
         if not n:
             return b""
         return bytes(ffi.buffer(ffi.cast("char *", rx.handback_payload_addr), n))
+
+    def watch(self, wanted: PageBitmap | None) -> None:
+        """Return WANTED as soon as a page whose bit is set in ``wanted`` is installed
+        (pages a vCPU waits for), so that its fault is answered at once rather than at
+        the end of the batch.  ``wanted`` is shared: any thread may set and clear its
+        bits while the loop runs.  Call between runs; None stops watching."""
+        rx = self._live()
+        if wanted is not None and len(wanted) < self.pagemap.total_pages:
+            raise ValueError("the watch bitmap must cover every page")
+        self._wanted = wanted
+        rx.wanted = ffi.NULL if wanted is None else wanted._c
 
     def interrupt(self) -> None:
         """Make a running (or the next) ``run()`` return INTERRUPTED soon.  Any thread."""

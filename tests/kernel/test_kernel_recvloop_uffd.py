@@ -248,3 +248,33 @@ def test_frames_larger_than_the_limit_are_the_connections_to_refuse() -> None:
         writer.join()
         rx.close()
         a.close()
+
+
+def test_a_watched_page_makes_the_loop_return_as_soon_as_it_is_installed() -> None:
+    with registered(NPAGES) as (_mem, _uffd, pm, layout):
+        wanted = PageBitmap(NPAGES)
+        wanted.set(20)
+        wanted.set(50)
+        a, b = socket.socketpair()
+        wire = [(p, min(6, NPAGES - p)) for p in range(0, NPAGES, 6)]
+        writer = write_in_chunks(a, stream_of(layout, wire, {24}), [])
+        rx = AcceleratedReceiver(b, opened(layout).dest, pm, HOOKS)
+        rx.loop.watch(wanted)
+        seen = []
+        while True:
+            r = rx.receive(batch_nbytes=0, timeout_s=10)
+            assert r.reason is not Reason.IDLE
+            if r.reason is Reason.WANTED:
+                got = set(pages_of(r.runs))
+                hit = [p for p in (20, 50) if p in got and wanted[p]]
+                assert len(hit) == 1 and max(got) < hit[0] + 6  # at once, not later
+                wanted.clear(hit[0])  # the fault is answered
+                seen.append(hit[0])
+            if r.reason is Reason.EOF:
+                break
+        assert seen == [20, 50]
+        assert pm.bitmap.count() == NPAGES
+        writer.join()
+        rx.close()
+        a.close()
+        b.close()

@@ -45,6 +45,7 @@ enum {
     MIG_RX_INTERRUPTED = 5,
     MIG_RX_TRUNCATED = 6,
     MIG_RX_ERROR = 7,
+    MIG_RX_WANTED = 8,
 };
 enum { MIG_TX_BATCH = 1, MIG_TX_DONE = 2, MIG_TX_IDLE = 4, MIG_TX_INTERRUPTED = 5, MIG_TX_ERROR = 7 };
 
@@ -364,6 +365,7 @@ struct mig_rx {
     uint32_t nruns;
     int wake_fd;
     int32_t interrupt;
+    const uint8_t *wanted; /* optional: pages someone waits for (a return on install) */
     /* configuration */
     const struct mig_pagemap *map;
     int fd;
@@ -547,8 +549,26 @@ static int rx_payload(struct mig_rx *rx, int timeout_ms) {
     return 0;
 }
 
+static void rx_finish_frame(struct mig_rx *rx);
+
+/* Whether a page appended to the runs since (run `from`, of length `from_len` then)
+ * is wanted. */
+static int rx_hit_wanted(const struct mig_rx *rx, uint32_t from, uint64_t from_len) {
+    if (!rx->wanted) return 0;
+    for (uint32_t k = from; k < rx->nruns; k++) {
+        size_t len;
+        uint64_t first = rx->runs[2 * k], end = first + rx->runs[2 * k + 1];
+        if (k == from) first += from_len; /* that part was checked before */
+        if (first < end && mig_bitmap_find_run(rx->wanted, end, first, 1, 1, &len) >= 0)
+            return 1;
+    }
+    return 0;
+}
+
 /* Installs the current frame in chunks.  Returns 0 when the frame is done,
- * MIG_RX_BATCH when the runs buffer needs emptying first, or MIG_RX_ERROR. */
+ * MIG_RX_BATCH when the runs buffer needs emptying first, MIG_RX_WANTED when a
+ * wanted page went in (the rest of the frame follows on the next call), or
+ * MIG_RX_ERROR. */
 static int rx_install(struct mig_rx *rx) {
     const uint64_t ps = rx->region->page_size;
     while (rx->done < rx->h.npages) {
@@ -557,6 +577,8 @@ static int rx_install(struct mig_rx *rx) {
         if (n > MIG_INSTALL_CHUNK) n = MIG_INSTALL_CHUNK;
         const uint8_t *src = rx->h.zero ? NULL : rx->dest + rx->done * ps;
         struct mig_install_result res = {0};
+        uint32_t before = rx->nruns ? rx->nruns - 1 : 0; /* the last run may grow */
+        uint64_t before_len = rx->nruns ? rx->runs[2 * before + 1] : 0;
         res.nruns = rx->nruns;
         int rc = mig_install(rx->map, rx->page + rx->done, n, src, rx->runs, &res);
         rx->nruns = res.nruns;
@@ -569,14 +591,22 @@ static int rx_install(struct mig_rx *rx) {
             return MIG_RX_ERROR;
         }
         rx->done += n;
+        if (res.installed_pages && rx_hit_wanted(rx, before, before_len)) {
+            if (rx->done == rx->h.npages) rx_finish_frame(rx);
+            return MIG_RX_WANTED;
+        }
     }
+    rx_finish_frame(rx);
+    return 0;
+}
+
+static void rx_finish_frame(struct mig_rx *rx) {
     rx->stats.frames++;
     if (rx->h.zero)
         rx->stats.zero_pages += rx->h.npages;
     else
         rx->stats.normal_pages += rx->h.npages;
     rx_reset(rx);
-    return 0;
 }
 
 /* Receives and installs fast frames until an event:
@@ -590,6 +620,8 @@ static int rx_install(struct mig_rx *rx) {
  *   MIG_RX_IDLE         no byte arrived for timeout_ms, or a signal interrupted the
  *                       wait (state kept: call again)
  *   MIG_RX_INTERRUPTED  interrupt was set (state kept)
+ *   MIG_RX_WANTED       a page whose bit is set in `wanted` was just installed
+ *                       (someone waits for it: answer now; state kept)
  *   MIG_RX_ERROR        err holds the errno (socket or userfaultfd)
  * runs[0..2*nruns) lists the pages this call newly installed. */
 int mig_rx_run(struct mig_rx *rx, uint64_t batch_nbytes, int timeout_ms) {
