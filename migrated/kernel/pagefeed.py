@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 _STICKY_RECV_NBYTES = 1 << 20
+_PEEK_NBYTES = 512  # a longer header is consumed in pieces of this size
 _MAX_PENDING_OBJECTS = 1 << 20
 
 
@@ -126,9 +127,10 @@ class _Mode(enum.Enum):
 class AcceleratedReceiver:
     """Reads ``sock`` for ``conn`` (open, layout known), installing into ``pagemap``.
 
-    ``conn.max_frame_payload`` bounds Pages payloads for both paths.  The socket,
-    connection and page map must outlive the receiver; :meth:`close` (after the
-    receiving thread was joined) frees the C loop.
+    ``conn.max_frame_payload`` bounds Pages payloads for both paths.  The receiver
+    reads a private dup of ``sock`` (blocking or not, with or without a timeout: it
+    never waits inside recv).  The connection and page map must outlive the
+    receiver; :meth:`close` (after the receiving thread was joined) frees the C loop.
     """
 
     def __init__(
@@ -140,9 +142,12 @@ class AcceleratedReceiver:
         *,
         staging: Any | None = None,
     ) -> None:
-        self.sock, self.conn, self.pagemap, self.hooks = sock, conn, pagemap, hooks
+        # A private dup without timeout: Python's timeout mode would poll before every
+        # recv (and raise TimeoutError); flags of the shared description stay as they are.
+        self.sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self.conn, self.pagemap, self.hooks = conn, pagemap, hooks
         self.loop = ReceiveLoop(
-            sock.fileno(), pagemap, max_frame_nbytes=conn.max_frame_payload, staging=staging
+            self.sock.fileno(), pagemap, max_frame_nbytes=conn.max_frame_payload, staging=staging
         )
         self._staging = memoryview(self.loop.staging).cast("B")
         self._mode = _Mode.C
@@ -154,7 +159,7 @@ class AcceleratedReceiver:
         self._runs: Runs = []
         self._events: list[Any] = []
         self._poll = select.poll()
-        self._poll.register(sock.fileno(), select.POLLIN)
+        self._poll.register(self.sock.fileno(), select.POLLIN)
         self._poll.register(self.loop.wake_fd, select.POLLIN)
         self._scratch = memoryview(bytearray(_STICKY_RECV_NBYTES))
         #: frames decoded by the Connection (not by C) and their installed pages
@@ -260,8 +265,9 @@ class AcceleratedReceiver:
     def _read_header(self, timeout_s: float) -> Reason | None:
         sock, limit = self.sock, self.hooks.max_header_nbytes
         while True:
+            want = min(limit + 1 - len(self._hdr), _PEEK_NBYTES)
             try:
-                peek = sock.recv(limit + 1 - len(self._hdr), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                peek = sock.recv(want, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 reason = self._wait(timeout_s)
                 if reason is not None:
@@ -419,6 +425,8 @@ class AcceleratedReceiver:
         return None
 
     def close(self) -> None:
-        """Free the C loop (idempotent; after the receiving thread was joined)."""
+        """Free the C loop and the private socket dup (idempotent; after the receiving
+        thread was joined).  The caller's socket stays open."""
         self.conn.set_payload_sink(None)
         self.loop.close()
+        self.sock.close()

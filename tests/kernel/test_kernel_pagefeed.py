@@ -133,10 +133,10 @@ def accelerated(
         except ProtocolError as exc:
             out.record_error(exc)
         finally:
+            rx.close()  # closes its dup of b: with b, the reading end is gone
             b.close()
             writer.join()
             a.close()
-            rx.close()
         if uffd is not None:
             for m in mems:
                 uffd.unregister(m.address, m.nbytes)  # missing pages now read as zero

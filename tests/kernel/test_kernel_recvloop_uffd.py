@@ -244,9 +244,9 @@ def test_frames_larger_than_the_limit_are_the_connections_to_refuse() -> None:
             receive_all(rx)
         assert info.value.code == "frame-too-large"
         assert pm.bitmap.count() == 0
+        rx.close()
         b.close()
         writer.join()
-        rx.close()
         a.close()
 
 
