@@ -2,8 +2,10 @@
  *
  *   floor recv PORT NBYTES CHUNK MODE   MODE: install (recv into a cache-hot staging
  *                                       buffer, UFFDIO_COPY per CHUNK into
- *                                       userfaultfd-registered memory) or recv (no
- *                                       install: the loopback TCP ceiling)
+ *                                       userfaultfd-registered memory), hugetlb (the
+ *                                       same into 2 MiB hugetlbfs pages; CHUNK a
+ *                                       multiple of 2 MiB) or recv (no install: the
+ *                                       loopback TCP ceiling)
  *   floor send PORT NBYTES CHUNK        connects to 127.0.0.1:PORT and writes NBYTES
  *                                       from one CHUNK-byte buffer
  *
@@ -55,7 +57,7 @@ static int open_uffd(void) {
     return fd;
 }
 
-static int do_recv(int port, size_t nbytes, size_t chunk, int install) {
+static int do_recv(int port, size_t nbytes, size_t chunk, int install, int huge) {
     int srv = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -70,10 +72,10 @@ static int do_recv(int port, size_t nbytes, size_t chunk, int install) {
     uint8_t *mem = NULL;
     int uffd = -1;
     if (install) {
-        mem = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+        int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (huge ? MAP_HUGETLB : 0);
+        mem = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, flags, -1, 0);
         if (mem == MAP_FAILED) die("mmap");
-        madvise(mem, nbytes, MADV_NOHUGEPAGE);
+        if (!huge) madvise(mem, nbytes, MADV_NOHUGEPAGE);
         uffd = open_uffd();
         struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)mem, nbytes},
                                       .mode = UFFDIO_REGISTER_MODE_MISSING};
@@ -108,7 +110,7 @@ static int do_recv(int port, size_t nbytes, size_t chunk, int install) {
     printf("{\"mode\": \"%s\", \"bytes\": %zu, \"chunk_bytes\": %zu, \"wall_s\": %.4f, "
            "\"GB_per_s\": %.3f, \"recv_s\": %.4f, \"install_s\": %.4f, \"user_s\": %.3f, "
            "\"sys_s\": %.3f}\n",
-           install ? "install" : "recv", got, chunk, wall, got / wall / 1e9, recv_s, copy_s,
+           huge ? "hugetlb" : install ? "install" : "recv", got, chunk, wall, got / wall / 1e9, recv_s, copy_s,
            ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
            ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
     return got == nbytes ? 0 : 1;
@@ -140,7 +142,8 @@ int main(int argc, char **argv) {
         return do_send(atoi(argv[2]), strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0));
     if (argc >= 6 && !strcmp(argv[1], "recv"))
         return do_recv(atoi(argv[2]), strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0),
-                       !strcmp(argv[5], "install"));
-    fprintf(stderr, "usage: floor recv PORT NBYTES CHUNK install|recv | floor send PORT NBYTES CHUNK\n");
+                       strcmp(argv[5], "recv") != 0, !strcmp(argv[5], "hugetlb"));
+    fprintf(stderr, "usage: floor recv PORT NBYTES CHUNK install|hugetlb|recv\n"
+                    "       floor send PORT NBYTES CHUNK\n");
     return 2;
 }

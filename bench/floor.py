@@ -8,7 +8,10 @@ sender process to a receiver process that
 
 * ``install``: receives into a cache-hot staging buffer and installs each chunk with
   one UFFDIO_COPY into userfaultfd-registered memory (the floor of a postcopy push);
-* ``recv``: only receives (the loopback TCP ceiling).
+* ``recv``: only receives (the loopback TCP ceiling);
+* ``hugetlb`` (with ``--hugetlb``): as ``install``, into 2 MiB hugetlbfs pages, one
+  UFFDIO_COPY per 2 MiB chunk (vm.nr_hugepages is raised for the run and restored;
+  one unrecorded run first backs the pool, as a host does once at boot).
 
 Prints one JSON object: every run, and the best of each mode.  Not a test.
 """
@@ -72,29 +75,51 @@ def run_once(exe: str, nbytes: int, chunk: int, mode: str, warm: bool) -> dict[s
     return out
 
 
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
 def physical_reference(
-    nbytes: int = 2 << 30, chunk: int = 1 << 20, repeat: int = 3, warm: bool = True
+    nbytes: int = 2 << 30,
+    chunk: int = 1 << 20,
+    repeat: int = 3,
+    warm: bool = True,
+    hugetlb: bool = False,
 ) -> dict[str, Any]:
-    """Runs both modes ``repeat`` times; returns every run and the best of each.
+    """Runs each mode ``repeat`` times; returns every run and the best of each.
     The caller handles page reporting (see :mod:`bench.hostprep`)."""
+    modes = ["install", "recv"] + (["hugetlb"] if hugetlb else [])
+    old_nr = NR_HUGEPAGES.read_text().strip()
     with tempfile.TemporaryDirectory(prefix="migrated-floor-") as d:
         exe = build(d)
-        runs = [
-            run_once(exe, nbytes, chunk, mode, warm)
-            for _ in range(repeat)
-            for mode in ("install", "recv")
-        ]
+        runs = []
+        try:
+            if hugetlb:
+                # Reserve the pool once and touch it with one run that is not kept: a
+                # host reserves and backs its huge pages at boot, not per migration.
+                NR_HUGEPAGES.write_text(str(int(old_nr) + (nbytes >> 21)))
+                run_once(exe, nbytes, max(chunk, 2 << 20), "hugetlb", warm)
+            for _ in range(repeat):
+                for mode in modes:
+                    size = max(chunk, 2 << 20) if mode == "hugetlb" else chunk
+                    runs.append(run_once(exe, nbytes, size, mode, warm))
+        finally:
+            NR_HUGEPAGES.write_text(old_nr)
     best = {
         mode: max((r for r in runs if r["mode"] == mode), key=lambda r: r["GB_per_s"])
-        for mode in ("install", "recv")
+        for mode in modes
     }
-    return {
+    gib = nbytes / (1 << 30)
+    out: dict[str, Any] = {
         "install_GB_per_s": best["install"]["GB_per_s"],
         "recv_only_GB_per_s": best["recv"]["GB_per_s"],
-        "install_s_per_GiB": round(best["install"]["install_s"] / (nbytes / (1 << 30)), 4),
-        "recv_s_per_GiB": round(best["install"]["recv_s"] / (nbytes / (1 << 30)), 4),
-        "runs": runs,
+        "install_s_per_GiB": round(best["install"]["install_s"] / gib, 4),
+        "recv_s_per_GiB": round(best["install"]["recv_s"] / gib, 4),
     }
+    if hugetlb:
+        out["hugetlb_GB_per_s"] = best["hugetlb"]["GB_per_s"]
+        out["hugetlb_install_s_per_GiB"] = round(best["hugetlb"]["install_s"] / gib, 4)
+    out["runs"] = runs
+    return out
 
 
 def main() -> None:
@@ -103,11 +128,16 @@ def main() -> None:
     p.add_argument("--chunk-kib", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--host-warmup", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--hugetlb", action="store_true", help="also measure hugetlbfs pages")
     args = p.parse_args()
     old = disable_page_reporting() if args.host_warmup else None
     try:
         ref = physical_reference(
-            int(args.gib * (1 << 30)), args.chunk_kib << 10, args.repeat, args.host_warmup
+            int(args.gib * (1 << 30)),
+            args.chunk_kib << 10,
+            args.repeat,
+            args.host_warmup,
+            args.hugetlb,
         )
     finally:
         restore_page_reporting(old)

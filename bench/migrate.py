@@ -6,7 +6,9 @@ Runs a real source VM process and a real receiver process (as `migrated demo`
 does), migrates, verifies the guest on the destination, and reports both sides'
 statistics, the targets of the migration issue, the memory migrated used beyond
 guest RAM (peak RSS minus guest RAM), and, measured in the same run, this machine's
-loopback TCP throughput as the physical reference.  Not a test: no assertions.
+loopback TCP throughput and the physical reference of ``bench/floor.py`` (C: loopback
+TCP into userfaultfd-registered memory, one UFFDIO_COPY per MiB) with migrated's
+fraction of it.  Not a test: no assertions.
 
 About this sandbox's free page reporting see ``bench/hostprep.py``: by default
 (``--host-warmup``) the benchmark turns reporting off for its run, touches as much
@@ -28,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.floor import physical_reference
 from bench.hostprep import disable_page_reporting, restore_page_reporting, warm_host_memory
 from migrated.demo import LocalPair
 
@@ -124,6 +127,7 @@ def main() -> None:
     p.add_argument("--checksum", action="store_true")
     p.add_argument("--frame-pages", type=int, default=None, help="pages per bulk frame")
     p.add_argument("--no-loopback-reference", action="store_true")
+    p.add_argument("--no-physical-reference", action="store_true")
     p.add_argument(
         "--host-warmup",
         action=argparse.BooleanOptionalAction,
@@ -177,6 +181,18 @@ def main() -> None:
         ref = loopback_tcp_bytes_per_s()
         out["loopback_tcp_GB_per_s"] = round(ref / 1e9, 3)
         out["fraction_of_loopback"] = round(ram / total_s / ref, 3)
+    if not args.no_physical_reference:
+        # The floor of a postcopy push here, in C: loopback TCP from a second process
+        # into userfaultfd-registered memory, one UFFDIO_COPY per MiB (bench/floor.py).
+        old_order = disable_page_reporting() if args.host_warmup else None
+        try:
+            floor = physical_reference(min(ram, 2 << 30), 1 << 20, 2, args.host_warmup)
+        finally:
+            restore_page_reporting(old_order)
+        out["physical_reference"] = {k: v for k, v in floor.items() if k != "runs"}
+        out["fraction_of_physical_reference"] = round(
+            ram / total_s / (floor["install_GB_per_s"] * 1e9), 3
+        )
     print(json.dumps(out, indent=1))
 
 
