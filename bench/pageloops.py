@@ -12,7 +12,8 @@ engine's socket settings, page reporting off and memory warmed (bench/hostprep.p
   - ``python``: the engine's ``BulkReceiver`` + ``PageInstaller`` (Connection, sink,
     UFFDIO_COPY per frame from Python, a loop callback per frame).
 * ``push``: the sender pushes ``--gib`` of guest RAM (``--zero-percent`` of it zero
-  pages) to a receiver process that only drains the socket, with
+  pages; with ``--source-thp`` also from RAM on transparent huge pages, variants
+  ``*-thp``) to a receiver process that only drains the socket, with
   - ``c``: :class:`migrated.kernel.PushLoop`,
   - ``python``: the engine's ``BulkPusher`` (find_run, zero scan, Connection.send,
     sendmsg from Python).
@@ -122,9 +123,10 @@ def dest_handshake(sock: socket.socket, layout: MemoryLayout, frame: int) -> Con
     return conn
 
 
-def filled_memory(nbytes: int, zero_percent: int) -> GuestMemory:
-    """Guest RAM whose pages are non-zero except ``zero_percent`` of them (spread)."""
-    mem = GuestMemory.create(nbytes)
+def filled_memory(nbytes: int, zero_percent: int, thp: bool = False) -> GuestMemory:
+    """Guest RAM whose pages are non-zero except ``zero_percent`` of them (spread);
+    on transparent huge pages with ``thp`` (as QEMU's source RAM is here)."""
+    mem = GuestMemory.create(nbytes, transparent_huge_pages=thp)
     view = mem.view
     stride = max(1, 100 // zero_percent) if zero_percent else 0
     for i in range(nbytes // PAGE):
@@ -328,7 +330,8 @@ def push_python(port: int, mem: GuestMemory, nbytes: int, frame: int) -> dict[st
 def bench_push(
     variant: str, nbytes: int, frame: int, zero_percent: int, warm: bool
 ) -> dict[str, Any]:
-    mem = filled_memory(nbytes, zero_percent)
+    thp = variant.endswith("-thp")
+    mem = filled_memory(nbytes, zero_percent, thp)
     if warm:
         warm_host_memory(nbytes + (256 << 20))
     port_file = f"/dev/shm/migrated-bench-{os.getpid()}.port"
@@ -343,7 +346,7 @@ def bench_push(
     os.unlink(port_file)
     load = load_1m()
     t0, c0 = time.perf_counter(), cpu_s()
-    if variant == "c":
+    if variant.startswith("c"):
         sock = socket.create_connection(("127.0.0.1", port))
         tune_socket(sock, bulk=True)
         extra = push_c(sock, mem, nbytes, frame)
@@ -352,7 +355,7 @@ def bench_push(
         extra = push_python(port, mem, nbytes, frame)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     out, _ = peer.communicate(timeout=60)
-    if variant == "c":
+    if variant.startswith("c"):
         sock.close()
     mem.close()
     sink = json.loads(out.strip().splitlines()[-1])
@@ -370,7 +373,7 @@ def bench_push(
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for v in ("c", "python"):
+    for v in sorted({r["variant"] for r in runs}):
         mine = [r for r in runs if r["variant"] == v]
         best = max(mine, key=lambda r: r["GB_per_s"])
         out[v] = {"best_GB_per_s": best["GB_per_s"], "cpu_s_of_best": best["cpu_s"]}
@@ -387,6 +390,7 @@ def main() -> None:
     p.add_argument("--zero-percent", type=int, default=10)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--what", choices=["recv", "push", "both"], default="both")
+    p.add_argument("--source-thp", action="store_true", help="push also from guest RAM on THP")
     p.add_argument("--host-warmup", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--role", choices=["sender", "sink"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -415,10 +419,13 @@ def main() -> None:
             ]
             out["recv"] = {"summary": summarize(runs), "runs": runs}
         if args.what in ("push", "both"):
+            variants = (
+                ("c", "python", "c-thp", "python-thp") if args.source_thp else ("c", "python")
+            )
             runs = [
                 bench_push(v, nbytes, frame, args.zero_percent, args.host_warmup)
                 for _ in range(args.repeat)
-                for v in ("c", "python")
+                for v in variants
             ]
             out["push"] = {"summary": summarize(runs), "runs": runs}
     finally:
