@@ -302,3 +302,36 @@ def test_fast_frames_stay_in_c() -> None:
     assert rx.loop.stats.frames == 12
     assert rx.python_frames == 0
     assert rx.loop.stats.handbacks == 0
+
+
+def test_a_frame_with_more_new_runs_than_the_run_buffer_resumes_after_batch() -> None:
+    """A ZeroPages frame over pages whose bits alternate yields ~8 K separate new runs:
+    more than one call can report, so the loop returns BATCH inside the frame and
+    resumes it; every page is reported once."""
+    npages = 16384
+    layout = MemoryLayout((MemoryRegion(0, npages * PAGE, PAGE),))
+    from .pagestream_util import Item
+
+    stream = build_stream(layout, [Item("zero", (0, npages, 0))])
+    with guest(layout, uffd=False) as (mems, _):
+        bm = PageBitmap(npages)
+        for p in range(0, npages, 2):
+            bm.set(p)
+        pm = PageMap([MappedRegion(0, npages * PAGE, PAGE, mems[0].address)], bm)
+        a, b = socket.socketpair()
+        writer = write_in_chunks(a, stream, [])
+        rx = AcceleratedReceiver(b, opened(layout).dest, pm, HOOKS)
+        reasons, runs = [], []
+        while True:
+            r = rx.receive(batch_nbytes=0, timeout_s=10)
+            reasons.append(r.reason)
+            runs += r.runs
+            if r.reason is Reason.EOF:
+                break
+        writer.join()
+        assert reasons.count(Reason.BATCH) >= 1
+        assert sorted(p for f, n in runs for p in range(f, f + n)) == list(range(1, npages, 2))
+        assert bm.count() == npages and rx.loop.stats.frames == 1
+        rx.close()
+        a.close()
+        b.close()
