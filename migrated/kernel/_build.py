@@ -564,6 +564,8 @@ SOURCE = (
     SOURCE_HEAD.replace("@SHARED@", SHARED + _PAGESTREAM_H)
     + _read("bitmap.c")
     + _read("pagestream.c")
+    + _read("recvloop.c")
+    + _read("pushloop.c")
 )
 
 ffibuilder = FFI()
