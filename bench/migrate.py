@@ -6,17 +6,15 @@ Runs a real source VM process and a real receiver process (as `migrated demo`
 does), migrates, verifies the guest on the destination, and reports both sides'
 statistics, the targets of the migration issue, the memory migrated used beyond
 guest RAM (peak RSS minus guest RAM), and, measured in the same run, this machine's
-loopback TCP throughput as the physical reference.  Not a test: no assertions.
+loopback TCP throughput and the physical reference of ``bench/floor.py`` (C: loopback
+TCP into userfaultfd-registered memory, one UFFDIO_COPY per MiB) with migrated's
+fraction of it.  Not a test: no assertions.
 
-About this sandbox: it is a Firecracker microVM whose kernel reports free memory back
-to its host (virtio-balloon free page reporting, ``page_reporting_order``).  A page
-that was free for a while is then unbacked, and the first write to it after
-reallocation takes a host fault.  On the destination that write happens inside
-UFFDIO_COPY, which then runs at ~1 GB/s instead of ~4 GB/s.  A hypervisor host does
-not give its memory back like that, so by default (``--host-warmup``) the benchmark
-turns reporting off for its run, touches as much memory as the destination will
-allocate so those pages are backed, and restores the setting afterwards.  Use
-``--no-host-warmup`` for the as-is figure; the output says which was measured.
+About this sandbox's free page reporting see ``bench/hostprep.py``: by default
+(``--host-warmup``) the benchmark turns reporting off for its run, touches as much
+memory as the destination will allocate so those pages are backed, and restores the
+setting afterwards.  Use ``--no-host-warmup`` for the as-is figure; the output says
+which was measured.
 """
 
 from __future__ import annotations
@@ -32,6 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.floor import physical_reference
+from bench.hostprep import disable_page_reporting, restore_page_reporting, warm_host_memory
 from migrated.demo import LocalPair
 
 CHUNK = 1 << 20
@@ -67,38 +67,6 @@ def loopback_tcp_bytes_per_s(nbytes: int = 2 << 30) -> float:
     s.shutdown(socket.SHUT_WR)
     p.join()
     return nbytes / (time.perf_counter() - t)
-
-
-REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
-
-
-def disable_page_reporting() -> str | None:
-    """Returns the previous order, or None when the knob is absent or read-only.
-    Order 11 is above the buddy allocator's maximum: nothing is reported."""
-    try:
-        old = REPORTING.read_text().strip()
-        REPORTING.write_text("11")
-    except OSError:
-        return None
-    return old
-
-
-def restore_page_reporting(old: str | None) -> None:
-    if old is not None:
-        REPORTING.write_text(old)
-
-
-def warm_host_memory(nbytes: int) -> float:
-    """Touch ``nbytes`` of fresh memory and free it, so the kernel's free lists hold
-    pages the host backs.  Returns the seconds it took."""
-    import mmap
-
-    t = time.perf_counter()
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for off in range(0, nbytes, mmap.PAGESIZE):
-        m[off] = 1
-    m.close()
-    return time.perf_counter() - t
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -159,6 +127,7 @@ def main() -> None:
     p.add_argument("--checksum", action="store_true")
     p.add_argument("--frame-pages", type=int, default=None, help="pages per bulk frame")
     p.add_argument("--no-loopback-reference", action="store_true")
+    p.add_argument("--no-physical-reference", action="store_true")
     p.add_argument(
         "--host-warmup",
         action=argparse.BooleanOptionalAction,
@@ -212,6 +181,18 @@ def main() -> None:
         ref = loopback_tcp_bytes_per_s()
         out["loopback_tcp_GB_per_s"] = round(ref / 1e9, 3)
         out["fraction_of_loopback"] = round(ram / total_s / ref, 3)
+    if not args.no_physical_reference:
+        # The floor of a postcopy push here, in C: loopback TCP from a second process
+        # into userfaultfd-registered memory, one UFFDIO_COPY per MiB (bench/floor.py).
+        old_order = disable_page_reporting() if args.host_warmup else None
+        try:
+            floor = physical_reference(min(ram, 2 << 30), 1 << 20, 2, args.host_warmup)
+        finally:
+            restore_page_reporting(old_order)
+        out["physical_reference"] = {k: v for k, v in floor.items() if k != "runs"}
+        out["fraction_of_physical_reference"] = round(
+            ram / total_s / (floor["install_GB_per_s"] * 1e9), 3
+        )
     print(json.dumps(out, indent=1))
 
 

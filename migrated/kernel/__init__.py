@@ -2,7 +2,9 @@
 
 Callers get typed objects: :class:`Kvm`/:class:`Vm`/:class:`Vcpu` for KVM,
 :class:`Userfaultfd` for missing-page faults, :class:`GuestMemory` for guest RAM and
-:class:`PageBitmap` for page bookkeeping.  Kernel failures are ``OSError`` with a
+:class:`PageBitmap` for page bookkeeping, and the bulk page loops in C
+(:class:`PageMap` + :class:`AcceleratedReceiver` on a destination, :class:`PushLoop`
+on a source).  Kernel failures are ``OSError`` with a
 sentence naming the call; expected races are results (``CopyResult.already_present``,
 ``PreFaultResult.supported``).
 """
@@ -10,10 +12,15 @@ sentence naming the call; expected races are results (``CopyResult.already_prese
 from .bitmap import PageBitmap, find_zero_pages, page_is_zero
 from .kvm import Cap, ExitReason, Kvm, PreFaultResult, Vcpu, VcpuExit, Vm
 from .memory import Backing, GuestMemory
+from .pagefeed import AcceleratedReceiver, ProtocolHooks, Reason, Received
+from .pagemap import InstallResult, MappedRegion, PageMap
+from .pushloop import PushLoop, TxEvent, TxStats
+from .recvloop import ReceiveLoop, RxEvent, RxStats
 from .regs import DTable, Regs, Segment, Sregs, VcpuState
 from .uffd import CopyResult, FaultEvent, UffdEventKind, UffdFeature, Userfaultfd
 
 __all__ = [
+    "AcceleratedReceiver",
     "Backing",
     "Cap",
     "CopyResult",
@@ -21,12 +28,24 @@ __all__ = [
     "ExitReason",
     "FaultEvent",
     "GuestMemory",
+    "InstallResult",
     "Kvm",
+    "MappedRegion",
     "PageBitmap",
+    "PageMap",
     "PreFaultResult",
+    "ProtocolHooks",
+    "PushLoop",
+    "Reason",
+    "ReceiveLoop",
+    "Received",
     "Regs",
+    "RxEvent",
+    "RxStats",
     "Segment",
     "Sregs",
+    "TxEvent",
+    "TxStats",
     "UffdEventKind",
     "UffdFeature",
     "Userfaultfd",

@@ -15,7 +15,19 @@ too slow for (zero-page scan, bitmap run-finding) are C helpers here too.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cffi import FFI
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def _read(name: str) -> str:
+    return (_CSRC / name).read_text()
+
+
+# Plain C declarations of the page loops, shared by the cdef and the compiler.
+_PAGESTREAM_H = _read("pagestream.h")
 
 # Flattened views of kernel unions, declared once for both cffi and the compiler.
 SHARED = r"""
@@ -38,6 +50,7 @@ struct mig_uffd_event {
 
 CDEF = (
     SHARED
+    + _PAGESTREAM_H
     + r"""
 /* ---- libc ---- */
 int ioctl(int fd, unsigned long request, ...);
@@ -62,6 +75,7 @@ int ftruncate(int fd, long length);
 #define MAP_HUGETLB ...
 #define MADV_DONTNEED ...
 #define MADV_NOHUGEPAGE ...
+#define MADV_HUGEPAGE ...
 #define MFD_CLOEXEC ...
 #define MFD_HUGETLB ...
 #define SYS_userfaultfd ...
@@ -271,6 +285,65 @@ size_t mig_bitmap_or_count_new(uint8_t *dst, const uint8_t *src, size_t nbytes);
 void mig_bitmap_andnot(uint8_t *dst, const uint8_t *src, size_t nbytes);
 int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
                            const uint8_t *bitmap, size_t first_bit);
+uint64_t mig_bitmap_claim(uint8_t *bm, uint64_t start, uint64_t n, uint64_t *runs,
+                          uint32_t *nruns);
+
+/* ---- page loops (csrc/pagestream.c) ---- */
+#define MIG_RX_BATCH ...
+#define MIG_RX_OTHER ...
+#define MIG_RX_EOF ...
+#define MIG_RX_IDLE ...
+#define MIG_RX_INTERRUPTED ...
+#define MIG_RX_TRUNCATED ...
+#define MIG_RX_ERROR ...
+#define MIG_RX_WANTED ...
+#define MIG_RX_MAX_RUNS ...
+#define MIG_TX_BATCH ...
+#define MIG_TX_DONE ...
+#define MIG_TX_IDLE ...
+#define MIG_TX_INTERRUPTED ...
+#define MIG_TX_ERROR ...
+#define MIG_INSTALL_CHUNK ...
+
+struct mig_rx {
+    struct mig_rx_stats stats;
+    int32_t err;
+    uint32_t handback_len;
+    uint64_t handback_payload;
+    uint64_t handback_payload_addr;
+    uint8_t handback[32];
+    uint64_t *runs;
+    uint32_t nruns;
+    int wake_fd;
+    int32_t interrupt;
+    int state;
+    uint32_t hdr_len;
+    const uint8_t *wanted;
+    ...;
+};
+struct mig_tx {
+    struct mig_tx_stats stats;
+    int32_t err;
+    int wake_fd;
+    int32_t interrupt;
+    int64_t jump;
+    int64_t cursor;
+    uint32_t niov;
+    ...;
+};
+
+int mig_install(const struct mig_pagemap *m, uint64_t page, uint64_t npages,
+                const uint8_t *src, uint64_t *runs, struct mig_install_result *res);
+int64_t mig_msgpack_extent(const uint8_t *p, size_t n, uint64_t max_pending);
+size_t mig_encode_page_header(uint8_t *p, int zero, uint64_t gpa, uint64_t npages,
+                              uint64_t request_id);
+struct mig_rx *mig_rx_new(const struct mig_pagemap *map, int fd, uint8_t *staging,
+                          uint64_t staging_nbytes, uint64_t max_frame_nbytes);
+void mig_rx_free(struct mig_rx *rx);
+int mig_rx_run(struct mig_rx *rx, uint64_t batch_nbytes, int timeout_ms);
+struct mig_tx *mig_tx_new(const struct mig_pagemap *map, int fd, uint32_t max_frame_pages);
+void mig_tx_free(struct mig_tx *t);
+int mig_tx_run(struct mig_tx *t, uint64_t batch_nbytes, int timeout_ms);
 """
 )
 
@@ -485,133 +558,15 @@ int mig_page_is_zero(const uint8_t *page, size_t page_size) {
     return 1;
 }
 
-/* Sets bit (first_bit + i) of bitmap_out for every all-zero page i; returns the count.
- * Bits of non-zero pages are left as they were. */
-size_t mig_find_zero_pages(const uint8_t *base, size_t npages, size_t page_size,
-                           uint8_t *bitmap_out, size_t first_bit) {
-    size_t count = 0;
-    for (size_t i = 0; i < npages; i++) {
-        if (mig_page_is_zero(base + i * page_size, page_size)) {
-            size_t b = first_bit + i;
-            bitmap_out[b >> 3] |= (uint8_t)(1u << (b & 7));
-            count++;
-        }
-    }
-    return count;
-}
-
-static inline int bit_at(const uint8_t *bm, size_t i) { return (bm[i >> 3] >> (i & 7)) & 1; }
-
-/* Finds the first bit equal to value at or after start; *run_len receives the length
- * of the run of equal bits from there (at most max_len).  Returns its index or -1. */
-int64_t mig_bitmap_find_run(const uint8_t *bm, size_t nbits, size_t start, int value,
-                            size_t max_len, size_t *run_len) {
-    const uint8_t skip = value ? 0x00 : 0xFF;
-    size_t i = start;
-    /* Find the first matching bit, skipping whole bytes and 64-bit words. */
-    while (i < nbits) {
-        if ((i & 63) == 0 && i + 64 <= nbits) {
-            uint64_t w;
-            memcpy(&w, bm + (i >> 3), 8);
-            if (w == (value ? 0ULL : ~0ULL)) { i += 64; continue; }
-        }
-        if ((i & 7) == 0 && i + 8 <= nbits && bm[i >> 3] == skip) { i += 8; continue; }
-        if (bit_at(bm, i) == value) break;
-        i++;
-    }
-    if (i >= nbits) { *run_len = 0; return -1; }
-    size_t j = i;
-    const uint8_t full = value ? 0xFF : 0x00;
-    size_t limit = max_len ? (i + max_len < nbits ? i + max_len : nbits) : nbits;
-    while (j < limit) {
-        if ((j & 63) == 0 && j + 64 <= limit) {
-            uint64_t w;
-            memcpy(&w, bm + (j >> 3), 8);
-            if (w == (value ? ~0ULL : 0ULL)) { j += 64; continue; }
-        }
-        if ((j & 7) == 0 && j + 8 <= limit && bm[j >> 3] == full) { j += 8; continue; }
-        if (bit_at(bm, j) != value) break;
-        j++;
-    }
-    *run_len = j - i;
-    return (int64_t)i;
-}
-
-size_t mig_bitmap_count(const uint8_t *bm, size_t nbits) {
-    size_t count = 0, i = 0, nbytes = nbits >> 3;
-    for (; i + 8 <= nbytes; i += 8) {
-        uint64_t w;
-        memcpy(&w, bm + i, 8);
-        count += (size_t)__builtin_popcountll(w);
-    }
-    for (; i < nbytes; i++) count += (size_t)__builtin_popcount(bm[i]);
-    for (size_t b = nbytes << 3; b < nbits; b++) count += bit_at(bm, b);
-    return count;
-}
-
-void mig_bitmap_set_range(uint8_t *bm, size_t start, size_t n, int value) {
-    size_t i = start, end = start + n;
-    while (i < end && (i & 7)) {
-        if (value) bm[i >> 3] |= (uint8_t)(1u << (i & 7));
-        else bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
-        i++;
-    }
-    if (end - i >= 8) {
-        size_t nbytes = (end - i) >> 3;
-        memset(bm + (i >> 3), value ? 0xFF : 0x00, nbytes);
-        i += nbytes << 3;
-    }
-    while (i < end) {
-        if (value) bm[i >> 3] |= (uint8_t)(1u << (i & 7));
-        else bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
-        i++;
-    }
-}
-
-/* dst |= src; returns how many bits became set that were clear before. */
-size_t mig_bitmap_or_count_new(uint8_t *dst, const uint8_t *src, size_t nbytes) {
-    size_t count = 0, i = 0;
-    for (; i + 8 <= nbytes; i += 8) {
-        uint64_t d, s;
-        memcpy(&d, dst + i, 8);
-        memcpy(&s, src + i, 8);
-        count += (size_t)__builtin_popcountll(s & ~d);
-        d |= s;
-        memcpy(dst + i, &d, 8);
-    }
-    for (; i < nbytes; i++) {
-        count += (size_t)__builtin_popcount(src[i] & (uint8_t)~dst[i]);
-        dst[i] |= src[i];
-    }
-    return count;
-}
-
-/* dst &= ~src */
-void mig_bitmap_andnot(uint8_t *dst, const uint8_t *src, size_t nbytes) {
-    for (size_t i = 0; i < nbytes; i++) dst[i] &= (uint8_t)~src[i];
-}
-
-/* MADV_DONTNEED every run of set bits among bits [first_bit, first_bit + npages) of
- * bitmap; bit first_bit + i stands for the page at base + i * page_size.  Returns the
- * number of pages dropped, or -errno of the first madvise that failed. */
-int64_t mig_discard_bitmap(uint8_t *base, size_t npages, size_t page_size,
-                           const uint8_t *bitmap, size_t first_bit) {
-    size_t end = first_bit + npages, pos = first_bit, len;
-    int64_t dropped = 0;
-    while (pos < end) {
-        int64_t i = mig_bitmap_find_run(bitmap, end, pos, 1, 0, &len);
-        if (i < 0) break;
-        if (madvise(base + ((size_t)i - first_bit) * page_size, len * page_size,
-                    MADV_DONTNEED) < 0)
-            return -errno;
-        dropped += (int64_t)len;
-        pos = (size_t)i + len;
-    }
-    return dropped;
-}
 """
 
-SOURCE = SOURCE_HEAD.replace("@SHARED@", SHARED)
+SOURCE = (
+    SOURCE_HEAD.replace("@SHARED@", SHARED + _PAGESTREAM_H)
+    + _read("bitmap.c")
+    + _read("pagestream.c")
+    + _read("recvloop.c")
+    + _read("pushloop.c")
+)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -3,6 +3,14 @@ layout on little-endian hosts, and the wire layout of the received-pages bitmap)
 
 Bookkeeping for a 64 GiB guest is 16 M pages: never one Python object per page.  The
 loops live in C (``_native``); this class only bounds-checks and names things.
+
+Facts we rely on (concurrency): a bitmap may be shared, without a common lock, by the
+C page loops (running with the GIL released) and Python code on other threads.  Every
+C helper that changes bits does so with atomic byte/word operations (see
+``csrc/bitmap.c``), so no change to one bit can undo a concurrent change to another,
+and readers never see a torn byte.  A find-then-set decision is not atomic as a whole:
+use :meth:`PageBitmap.claim`, which sets bits and reports the ones *this* call changed,
+wherever two threads may set the same pages.  ``bm[i]`` reads one byte (never torn).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from collections.abc import Iterator
 from ._util import ffi, lib
 
 __all__ = ["PageBitmap", "find_zero_pages", "page_is_zero"]
+
+_CLAIM_STEP = 1 << 16  # pages per C call of claim(): bounds its run buffer
 
 
 class PageBitmap:
@@ -104,6 +114,27 @@ class PageBitmap:
             length = min(length, end - i)
             out.append((i, length))
             pos = i + length
+        return out
+
+    def claim(self, start: int, n: int) -> list[tuple[int, int]]:
+        """Atomically set bits ``[start, start+n)``; returns the runs ``(first, npages)``
+        of bits that this call changed from 0 to 1 (the pages it now owns).  Safe
+        against concurrent ``claim``/``set`` from other threads and the C loops."""
+        self._check(start, n)
+        out: list[tuple[int, int]] = []
+        pos, end = start, start + n
+        while pos < end:
+            step = min(end - pos, _CLAIM_STEP)
+            runs = ffi.new("uint64_t[]", 2 * (step // 2 + 2))
+            nruns = ffi.new("uint32_t *")
+            lib.mig_bitmap_claim(self._c, pos, step, runs, nruns)
+            for k in range(nruns[0]):
+                first, length = int(runs[2 * k]), int(runs[2 * k + 1])
+                if out and out[-1][0] + out[-1][1] == first:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                else:
+                    out.append((first, length))
+            pos += step
         return out
 
     def or_count_new(self, other: PageBitmap | bytes | bytearray) -> int:

@@ -12,6 +12,15 @@ Facts we rely on:
 * The memoryview returned by :attr:`GuestMemory.view` aliases guest RAM.  Any thread
   that touches a registered, missing page through it blocks until the page is
   installed; the thread that serves faults must therefore never use it.
+* Transparent huge pages: memory that will be registered with userfaultfd keeps
+  MADV_NOHUGEPAGE (THP under userfaultfd has surprised others, and UFFDIO_COPY
+  installs 4 KiB pages anyway).  Memory that is never registered (a source's guest
+  RAM) may ask for THP (``transparent_huge_pages=True``): the mapping is then aligned
+  to 2 MiB and advised MADV_HUGEPAGE, as QEMU does for its RAM; the kernel still
+  decides (``/sys/kernel/mm/transparent_hugepage/enabled``).
+* hugetlbfs memory (Backing.HUGETLB) comes from the vm.nr_hugepages pool in 2 MiB
+  pages.  Under userfaultfd a huge page is installed whole (UFFDIO_COPY of 2 MiB;
+  hugetlbfs has no UFFDIO_ZEROPAGE), so its wire layout must use 2 MiB pages.
 """
 
 from __future__ import annotations
@@ -52,10 +61,20 @@ class GuestMemory:
         self._view: memoryview | None = memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
 
     @classmethod
-    def create(cls, nbytes: int, backing: Backing | str = Backing.ANONYMOUS) -> GuestMemory:
-        """Map ``nbytes`` of guest RAM.  Raises ValueError for a bad size, OSError if
-        the kernel refuses (ENOMEM; for hugetlb, no free huge pages)."""
+    def create(
+        cls,
+        nbytes: int,
+        backing: Backing | str = Backing.ANONYMOUS,
+        *,
+        transparent_huge_pages: bool = False,
+    ) -> GuestMemory:
+        """Map ``nbytes`` of guest RAM.  ``transparent_huge_pages`` (anonymous backing
+        only) asks for THP: only for memory that is never registered with
+        userfaultfd.  Raises ValueError for a bad size or combination, OSError if the
+        kernel refuses (ENOMEM; for hugetlb, no free huge pages)."""
         backing = Backing(backing)
+        if transparent_huge_pages and backing is not Backing.ANONYMOUS:
+            raise ValueError("transparent huge pages need anonymous guest memory")
         page_size = HUGE_PAGE_SIZE if backing is Backing.HUGETLB else PAGE_SIZE
         if nbytes <= 0 or nbytes % page_size:
             raise ValueError(
@@ -76,14 +95,25 @@ class GuestMemory:
             flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE
             if backing is Backing.HUGETLB:
                 flags |= lib.MAP_HUGETLB
-        ptr = lib.mmap(ffi.NULL, nbytes, prot, flags, fd, 0)
+        slack = HUGE_PAGE_SIZE if transparent_huge_pages else 0
+        ptr = lib.mmap(ffi.NULL, nbytes + slack, prot, flags, fd, 0)
         if ptr == ffi.cast("void *", -1):
             err = ffi.errno
             if fd >= 0:
                 os.close(fd)
             raise_errno(err, f"mmap {nbytes} bytes of {backing.value} guest RAM")
         address = int(ffi.cast("uintptr_t", ptr))
-        if backing is not Backing.HUGETLB:
+        if transparent_huge_pages:
+            # Huge pages need 2 MiB-aligned ranges: trim the mapping to the aligned part.
+            start = (address + HUGE_PAGE_SIZE - 1) & ~(HUGE_PAGE_SIZE - 1)
+            if start > address:
+                lib.munmap(ptr, start - address)
+            if address + slack > start:
+                lib.munmap(ffi.cast("void *", start + nbytes), address + slack - start)
+            address = start
+            ptr = ffi.cast("void *", address)
+            lib.madvise(ptr, nbytes, lib.MADV_HUGEPAGE)
+        elif backing is not Backing.HUGETLB:
             # Transparent huge pages under userfaultfd have surprised others (a guest
             # triple fault in Cloud Hypervisor); keep 4 KiB granularity on purpose.
             lib.madvise(ptr, nbytes, lib.MADV_NOHUGEPAGE)
