@@ -12,7 +12,7 @@ import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from migrated.kernel import GuestMemory, PageBitmap, find_zero_pages
+from migrated.kernel import GuestMemory, MappedRegion, PageBitmap, find_zero_pages
 from migrated.protocol import MemoryLayout, MemoryRegion, Pages, ZeroPages
 
 __all__ = ["GuestRam", "RamRegion", "staging_buffer"]
@@ -54,6 +54,12 @@ class GuestRam:
         self.layout = MemoryLayout(
             tuple(MemoryRegion(r.gpa, r.memory.nbytes, PAGE_SIZE) for r in out)
         )
+
+    def mapped_regions(self) -> list[MappedRegion]:
+        """The regions as the kernel layer's page loops see them (layout order)."""
+        return [
+            MappedRegion(r.gpa, r.memory.nbytes, PAGE_SIZE, r.memory.address) for r in self.regions
+        ]
 
     def region_of_page(self, page: int) -> RamRegion:
         if not 0 <= page < self.total_pages:

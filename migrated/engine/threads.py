@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,8 +34,13 @@ class Worker:
         target: Callable[[Worker], Any],
         *,
         on_stop: Callable[[], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
+        self.nice = nice
+        #: Called by stop() too, set by the target while it runs something to wake
+        #: (a C loop's interrupt).
+        self.on_interrupt: Callable[[], None] | None = None
         self._target = target
         self._on_stop = on_stop
         self._stop = threading.Event()
@@ -61,6 +67,9 @@ class Worker:
         if self._stop.is_set():
             return
         self._stop.set()
+        wake = self.on_interrupt
+        if wake is not None:
+            wake()
         if self._on_stop is not None:
             self._on_stop()
 
@@ -72,6 +81,13 @@ class Worker:
         return await asyncio.shield(self.done)
 
     def _main(self) -> None:
+        if self.nice:
+            # Lower this thread's priority only (Linux: a thread is a task); raising it
+            # back would need privileges, lowering never does.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError as exc:
+                log.info("thread %s keeps its priority: %s", self.name, exc)
         try:
             result = self._target(self)
         except BaseException as exc:

@@ -306,6 +306,13 @@ class Session:
             return conn in self._conns and conn.phase is Phase.OPEN
         return True
 
+    def add_payload_bytes(self, conn: Connection, nbytes: int) -> None:
+        """Count page payload bytes that travelled on ``conn`` without passing through
+        :meth:`send`/:meth:`next_event` (the kernel layer's page loops)."""
+        info = self._conns.get(conn)
+        if info is not None:
+            info.payload_bytes += nbytes
+
     def data_received(self, conn: Connection, now: float) -> None:
         """Bytes arrived on ``conn`` (the adapter calls this on every read)."""
         info = self._conns.get(conn)

@@ -25,7 +25,14 @@ from typing import Any
 
 import msgpack
 
-from migrated.kernel import CopyResult, FaultEvent, GuestMemory, PageBitmap, UffdEventKind
+from migrated.kernel import (
+    CopyResult,
+    FaultEvent,
+    GuestMemory,
+    InstallResult,
+    PageBitmap,
+    UffdEventKind,
+)
 from migrated.kernel.kvm import PreFaultResult
 from migrated.vmm.machine import MemoryRegion, Runstate
 
@@ -242,3 +249,46 @@ class FakeUffd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class FakePageMap:
+    """The kernel layer's PageMap over a FakeUffd: install only pages whose bit is
+    clear, set each bit once its page is in place, skip and count present pages."""
+
+    def __init__(self, regions: list[Any], bitmap: PageBitmap, uffd: FakeUffd) -> None:
+        self.regions, self.bitmap, self.uffd = regions, bitmap, uffd
+        self.lock = threading.Lock()
+
+    def _address(self, page: int) -> int:
+        first = 0
+        for r in self.regions:
+            npages = r.nbytes // PAGE
+            if first <= page < first + npages:
+                return int(r.host_address + (page - first) * PAGE)
+            first += npages
+        raise ValueError(f"page {page} outside the regions")
+
+    def install(self, page: int, npages: int, data: Any | None) -> InstallResult:
+        with self.lock:
+            todo = self.bitmap.runs_within(page, npages, False)
+        runs: list[tuple[int, int]] = []
+        installed = present = 0
+        for i, n in todo:
+            addr = self._address(i)
+            if data is None:
+                r = self.uffd.zeropage(addr, n * PAGE)
+            else:
+                off = (i - page) * PAGE
+                r = self.uffd.copy(addr, memoryview(data)[off : off + n * PAGE], n * PAGE)
+            present += r.already_present // PAGE
+            with self.lock:
+                for j in range(i, i + n):  # claim what this call put in place
+                    if not self.bitmap[j] and self._address(j) in self.uffd.present:
+                        self.bitmap.set(j)
+                        if runs and runs[-1][0] + runs[-1][1] == j:
+                            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                        else:
+                            runs.append((j, 1))
+                        installed += 1
+        skipped = npages - sum(n for _, n in todo)
+        return InstallResult(runs, installed, skipped, present, 0.0)

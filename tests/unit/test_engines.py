@@ -23,7 +23,7 @@ from migrated.protocol.state import MigrationState
 from migrated.transport.faults import parse
 from migrated.vmm.machine import Runstate
 
-from .fakes import PAGE, FakeMachine, FakeRestored, FakeUffd
+from .fakes import PAGE, FakeMachine, FakePageMap, FakeRestored, FakeUffd
 
 S = MigrationState
 MiB = 1 << 20
@@ -81,7 +81,7 @@ class Migration:
             emit=self.dst_states,
             fault=parse(dst_fault) if dst_fault else None,
             admit=lambda nbytes: None,
-            backend=Backend(self.restore, lambda: self.uffd),
+            backend=Backend(self.restore, lambda: self.uffd, FakePageMap),  # type: ignore[arg-type]
         )
         self.send = SendOptions(mode=mode, connect_timeout_s=5, **send)
         self.src_fault = parse(src_fault) if src_fault else None
@@ -262,12 +262,12 @@ async def test_no_frame_changes_a_page_the_guest_owns() -> None:
     from migrated.kernel import GuestMemory
 
     memory = GuestMemory.create(16 * PAGE)
-    store = PageStore(GuestRam([(0, memory)]))
-    store.precopy_pages(0, 1)
     memory.view[0:8] = b"precopy!"
     uffd = FakeUffd()
     uffd.register(memory.address, memory.nbytes)
-    store.seal(uffd)
+    store = PageStore(GuestRam([(0, memory)]), FakePageMap)  # type: ignore[arg-type]
+    store.precopy_pages(0, 1)
+    store.seal(uffd)  # type: ignore[arg-type]
     uffd.present.add(memory.address)  # page 0 was in place before registration
     assert store.install(0, 4, None) == [(1, 3)]  # a zero run over page 0..3
     assert bytes(memory.view[0:8]) == b"precopy!"

@@ -255,7 +255,7 @@ class DestinationEngine:
         self.shield = OomShield()  # this process will hold the only copy of pages
         self.memory = GuestMemory.create(s.layout.regions[0].nbytes)
         ram = GuestRam([(s.layout.regions[0].gpa, self.memory)])
-        self.store = PageStore(ram)
+        self.store = PageStore(ram, self.backend.new_pagemap)
         self.store.reservation = reservation
         st = self.stats
         st.vm_name, st.mode, st.ram_bytes, st.total_pages = (

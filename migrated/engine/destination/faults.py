@@ -110,6 +110,7 @@ class FaultService:
             pend = _Pending(self._next_id, now, [(e.thread_id, now)])
             self._next_id += 1
             self._pending[page] = pend
+            store.wanted.set(page)
             self.stats.postcopy_requests += 1
             self.stats.postcopy_requested_pages += 1
             self._request(page, pend)
@@ -136,6 +137,7 @@ class FaultService:
                 if pend is None or not page <= p < page + npages:
                     continue
                 del self._pending[p]
+                self.store.wanted.clear(p)
                 self.stats.fault_latency.record(now - pend.t0)
                 for tid, since in pend.waiters:
                     vcpu = self.tid_to_vcpu.get(tid, -1)

@@ -14,10 +14,16 @@ Facts we rely on:
 * The received bitmap is the single source of truth: a bit is set exactly when the
   page's current content is in place; :attr:`count` is its population, kept with it
   under :attr:`lock` (one popcount per frame would cost milliseconds per GiB).
-* :meth:`install` may run on any thread (the loop for urgent answers, the BULK
-  receiver, the installer).  It copies outside the lock and accounts inside it: a
-  page installed by two paths is counted once, and the loser's EEXIST is the kernel
-  telling us so (followed by UFFDIO_WAKE in case its waiter slept on the other copy).
+* After sealing every install goes through one :class:`~migrated.kernel.PageMap`
+  over the received bitmap: the kernel layer installs a page only if its bit is clear
+  and sets the bit with an atomic claim once the page is in place, so each page is
+  reported once however many paths race (urgent answers on the loop, the BULK
+  receiver's C loop, the installer thread).  A page found present (EEXIST) was
+  installed by another path: skipped and woken.  :attr:`count` is kept under
+  :attr:`lock` from the runs each install reports.
+* :attr:`wanted` has a bit per page a vCPU waits for (the fault service keeps it):
+  the BULK receiver's C loop returns as soon as it installed one, so the fault is
+  answered at once rather than at the end of its batch.
 * Ranges were checked against the layout by the protocol connection before any event
   or payload reached us; :class:`GuestRam` checks page indexes again.
 """
@@ -25,9 +31,9 @@ Facts we rely on:
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 
-from migrated.kernel import PageBitmap, Userfaultfd
+from migrated.kernel import MappedRegion, PageBitmap, PageMap, Userfaultfd
 from migrated.vmm.admission import Reservation
 
 from ..ram import PAGE_SIZE, GuestRam
@@ -35,13 +41,16 @@ from ..ram import PAGE_SIZE, GuestRam
 __all__ = ["PageStore", "Runs"]
 
 Runs = list[tuple[int, int]]
+#: Makes the page map installs go through: the kernel layer's (a test may fake it).
+NewPageMap = Callable[[list[MappedRegion], PageBitmap, Userfaultfd], PageMap]
 
 
 class PageStore:
     """The destination's guest RAM and what of it has arrived."""
 
-    def __init__(self, ram: GuestRam) -> None:
+    def __init__(self, ram: GuestRam, new_pagemap: NewPageMap = PageMap) -> None:
         self.ram = ram
+        self._new_pagemap = new_pagemap
         self.received = PageBitmap(ram.total_pages)
         #: Pages known to be zero and dropped before registration: installed with
         #: UFFDIO_ZEROPAGE at sealing, so only pages that never arrived can fault.
@@ -49,6 +58,8 @@ class PageStore:
         self.lock = threading.Lock()
         self.count = 0
         self.uffd: Userfaultfd | None = None
+        self.pagemap: PageMap | None = None
+        self.wanted = PageBitmap(ram.total_pages)
         self.sealed = False
         self.install_s = 0.0
         self.duplicate_pages = 0
@@ -113,44 +124,41 @@ class PageStore:
         self.uffd = uffd
         if uffd is None:
             return
+        self.pagemap = self._new_pagemap(self.ram.mapped_regions(), self.received, uffd)
         for page, n in self.zero.runs(True):
             for p, m in self.ram.split(page, n, self.ram.total_pages):
                 uffd.zeropage(self.ram.host_address(p), m * PAGE_SIZE)
 
     def install(self, page: int, npages: int, data: memoryview | None) -> Runs:
         """Install the pages of ``[page, page+npages)`` that have not arrived yet
-        (``data`` None: zero pages).  Returns the runs this call newly accounted."""
+        (``data`` None: zero pages).  Returns the runs this call newly put in place.
+        Any thread."""
         assert self.sealed
-        with self.lock:
-            todo = self.received.runs_within(page, npages, False)
-            self.duplicate_pages += npages - sum(n for _, n in todo)
-        uffd = self.uffd
-        if not todo or uffd is None:
+        if self.pagemap is None:
+            with self.lock:  # nothing registered: every page had arrived
+                self.duplicate_pages += npages
             return []
-        new: Runs = []
-        for i, n in todo:
-            t = time.monotonic()
-            addr = self.ram.host_address(i)
-            if data is None:
-                r = uffd.zeropage(addr, n * PAGE_SIZE)
-            else:
-                off = (i - page) * PAGE_SIZE
-                r = uffd.copy(addr, data[off : off + n * PAGE_SIZE], n * PAGE_SIZE)
-            if r.already_present:
-                uffd.wake(addr, n * PAGE_SIZE)
-            elapsed = time.monotonic() - t
-            with self.lock:
-                self.install_s += elapsed
-                self.duplicate_pages += r.already_present // PAGE_SIZE
-                new.extend(self._mark_locked(i, n))
+        r = self.pagemap.install(page, npages, data)
+        self.installed(r.runs, duplicates=r.skipped_pages + r.present_pages, install_s=r.install_s)
         if data is not None:
-            self._took(new)
-        return new
+            self._took(r.runs)
+        return r.runs
+
+    def installed(self, runs: Runs, *, duplicates: int = 0, install_s: float = 0.0) -> None:
+        """Account for pages the kernel layer put in place (install, or a C loop)."""
+        with self.lock:
+            self.count += sum(n for _, n in runs)
+            self.duplicate_pages += duplicates
+            self.install_s += install_s
 
     def _took(self, runs: Runs) -> None:
         """Pages with data now hold memory: give the same back from the reservation."""
-        if self.reservation is not None and runs:
-            self.reservation.release(sum(n for _, n in runs) * PAGE_SIZE)
+        if runs:
+            self.took_bytes(sum(n for _, n in runs) * PAGE_SIZE)
+
+    def took_bytes(self, nbytes: int) -> None:
+        if self.reservation is not None and nbytes:
+            self.reservation.release(nbytes)
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from migrated.errors import MigratedError, RemoteProtocolError
-from migrated.kernel import GuestMemory, UffdFeature, Userfaultfd
+from migrated.kernel import GuestMemory, PageMap, UffdFeature, Userfaultfd
 from migrated.protocol import ErrorCode
 from migrated.vmm import Machine
 from migrated.vmm.state import VmState as MachineState
 
 from ..stats import StepTimer
-from .pages import PageStore
+from .pages import NewPageMap, PageStore
 
 __all__ = ["KVM", "Backend", "Prepared", "prepare", "start", "teardown"]
 
@@ -65,6 +65,7 @@ class Backend:
 
     restore: Callable[[bytes, GuestMemory, str | None], Machine]
     open_uffd: Callable[[], Userfaultfd]
+    new_pagemap: NewPageMap = PageMap
 
 
 KVM = Backend(_restore_machine, _open_uffd)

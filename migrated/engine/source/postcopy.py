@@ -142,6 +142,7 @@ async def _push_on_bulk(eng: SourceEngine, counters: PushCounters) -> None:
             counters=counters,
         ),
         on_stop=bc.stop,
+        nice=10,
     )
     failure: BaseException | None = None
     try:
