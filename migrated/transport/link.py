@@ -124,7 +124,7 @@ class Link:
             exc = ch.closed.exception() if ch.closed.done() else None
             raise exc or LinkLost(
                 f"no Welcome from {host}:{port} on the {channel.name} connection within "
-                f"{timeout_s:g} s (the peer accepted the connection but did not answer)"
+                f"{timeout_s:g} s: no answer from the peer (it accepted the connection)"
             )
         except BaseException:
             ch.abort()
