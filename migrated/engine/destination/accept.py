@@ -266,6 +266,9 @@ async def watch_bulk(eng: DestinationEngine, receiver: BulkReceiver) -> None:
     except MigratedError as err:
         exc = err
         eng.log.info("BULK connection ended: %s", err)
+    except Exception as err:  # a bug: the BULK connection is lost, not the migration
+        exc = err
+        eng.log.error("the BULK receiver failed: %s", err, exc_info=err)
     finally:
         receiver.bc.close()
         eng.stats.postcopy_bytes += receiver.normal_pages * PAGE_SIZE

@@ -38,6 +38,7 @@ from migrated.protocol import (
     ZeroPages,
 )
 from migrated.transport.blocking import BlockingChannel
+from migrated.transport.net import map_error
 
 from ..ram import PAGE_SIZE, staging_buffer
 from ..threads import Worker
@@ -87,10 +88,15 @@ class BulkReceiver:
             and not isinstance(self.bc.sock, ssl.SSLSocket)
             and self.bc.conn.checksum is None
         )
-        if usable:
-            self._run_accelerated(worker)
-        else:
-            self._run_python(worker)
+        try:
+            if usable:
+                self._run_accelerated(worker)
+            else:
+                self._run_python(worker)
+        except OSError as exc:  # the kernel layer's loops raise the socket's own errors
+            if worker.stopping:
+                return
+            raise map_error(exc, f"the BULK connection to {self.bc.peer}") from exc
 
     # -- the C receive loop -----------------------------------------------------------
 

@@ -284,6 +284,19 @@ class DestinationEngine:
     # -- ending --------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
+        """End an incoming migration that failed before the guest ran here.  After the
+        commit nothing ends it: the guest runs here, and tearing down would lose the
+        VM; the failure is logged and shown in the status, and postcopy goes on (or
+        waits for the source) as the link allows."""
+        if self.session is not None and self.session.point_of_no_return:
+            self.stats.error = reason
+            self.log.error(
+                "%s; the guest keeps running here (the migration was committed), this process "
+                "must not be stopped until the migration completes",
+                reason,
+            )
+            self.state_event()
+            return
         self.log.event("failed", "incoming migration failed: %s", reason)
         if self.done is not None and not self.done.done():
             self.done.set_exception(

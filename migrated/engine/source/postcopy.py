@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from migrated.errors import LinkLost, MigratedError, PeerRefused
+from migrated.errors import LinkLost, MigratedError, MigrationAborted, PeerRefused
 from migrated.protocol import AllSent, ChannelRole, PageRequest, Pages
 from migrated.protocol.state import MigrationState
 from migrated.transport import net
@@ -68,14 +68,16 @@ async def run_postcopy(eng: SourceEngine) -> None:
                 eng.event("all-sent")
             await eng.until(eng.complete, what="the destination's Complete")
             break
-        except MigratedError as exc:
+        except MigrationAborted:
+            raise  # the operator abandoned it
+        except Exception as exc:
             if eng.session.state is S.COMPLETED:
                 break
-            if (
-                not isinstance(exc, LinkLost | PeerRefused)
-                and eng.session.state is S.POSTCOPY_ACTIVE
-            ):
-                raise  # a bug or a local failure, not the link: nothing to recover
+            if not isinstance(exc, LinkLost | PeerRefused):
+                # Not the link.  Giving up would strand the VM (the destination needs
+                # the pages only this process holds): log it and start over through
+                # recovery, which rebuilds every connection and the push.
+                eng.log.error("postcopy failed here: %s; recovering", exc, exc_info=exc)
             eng.link_lost(str(exc))
             await recover(eng)
     eng.stats.postcopy_s = time.monotonic() - t0

@@ -33,6 +33,7 @@ from migrated.kernel import PageBitmap, PageMap, PushLoop, TxEvent
 from migrated.protocol import Error, Pages, Welcome, ZeroPages
 from migrated.transport.blocking import BlockingChannel
 from migrated.transport.link import Link
+from migrated.transport.net import map_error
 
 from ..ram import PAGE_SIZE, GuestRam
 from ..stats import Pacer
@@ -150,8 +151,12 @@ def push_thread(
     pacer = Pacer(bandwidth_bytes_per_s)
     if isinstance(bc.sock, ssl.SSLSocket) or bc.conn.checksum is not None:
         _push_python(worker, bc, ram, cursor, frame_pages, pacer, counters)
-    else:
+        return
+    try:
         _push_c(worker, bc, ram, cursor, frame_pages, pacer, counters)
+    except OSError as exc:  # the kernel layer's loop raises the socket's own errors
+        if not worker.stopping:
+            raise map_error(exc, f"the BULK connection to {bc.peer}") from exc
 
 
 def _push_c(
