@@ -234,8 +234,12 @@ class AcceleratedReceiver:
 
     def _run_c(self, batch_nbytes: int, timeout_s: float) -> Reason | None:
         loop = self.loop
-        ev = loop.run(batch_nbytes=batch_nbytes, timeout_s=timeout_s)
-        self._runs.extend(loop.runs())
+        try:
+            ev = loop.run(batch_nbytes=batch_nbytes, timeout_s=timeout_s)
+        finally:
+            # Also when run() failed: the pages it installed before the error are in
+            # place and their bits set, so they must be reported (then the error).
+            self._runs.extend(loop.runs())
         if ev is RxEvent.BATCH:
             return Reason.BATCH
         if ev is RxEvent.WANTED:

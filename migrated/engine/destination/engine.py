@@ -328,6 +328,8 @@ class DestinationEngine:
             store = self.store
             if store is None or self.session is None:
                 continue
+            if self.guest_started and not self.complete_sent and store.all_arrived():
+                guest.maybe_complete(self, force=True)
             self.emit(
                 {
                     "event": "progress",

@@ -144,13 +144,14 @@ def on_all_sent(eng: DestinationEngine, ch: Channel, a: AllSent) -> None:
     maybe_complete(eng)
 
 
-def maybe_complete(eng: DestinationEngine) -> None:
+def maybe_complete(eng: DestinationEngine, *, force: bool = False) -> None:
+    """Send Complete once every page is here (``force``: the bitmap said so)."""
     store, link = eng.store, eng.link
     if eng.complete_sent or store is None or link is None or not eng.guest_started:
         return
-    if not store.complete or eng.state is not S.POSTCOPY_ACTIVE or link.main is None:
+    if not (force or store.complete) or eng.state is not S.POSTCOPY_ACTIVE or link.main is None:
         return
-    link.send_main(Complete(store.count))  # the destination's part is done
+    link.send_main(Complete(store.total_pages))  # the destination's part is done
     eng.complete_sent = True
     eng.own(finish(eng))
 

@@ -30,6 +30,7 @@ Facts we rely on:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -39,6 +40,8 @@ from migrated.vmm.admission import Reservation
 from ..ram import PAGE_SIZE, GuestRam
 
 __all__ = ["PageStore", "Runs"]
+
+log = logging.getLogger(__name__)
 
 Runs = list[tuple[int, int]]
 #: Makes the page map installs go through: the kernel layer's (a test may fake it).
@@ -73,7 +76,22 @@ class PageStore:
 
     @property
     def complete(self) -> bool:
+        """Every page has arrived (by the count; see :meth:`all_arrived`)."""
         return self.count == self.ram.total_pages
+
+    def all_arrived(self) -> bool:
+        """Whether every bit of the received bitmap is set: the truth, which
+        :attr:`count` only caches (checked periodically: a count that lost an update
+        must not keep the migration from completing)."""
+        if self.received.all_set():
+            if self.count != self.ram.total_pages:
+                log.error(
+                    "installed-page count %d lags the received bitmap (all %d pages): a bug",
+                    self.count,
+                    self.ram.total_pages,
+                )
+            return True
+        return False
 
     def snapshot(self) -> bytes:
         """The received bitmap now (for recovery), consistent with :attr:`count`."""
