@@ -276,3 +276,18 @@ async def test_no_frame_changes_a_page_the_guest_owns() -> None:
     assert bytes(memory.view[PAGE : PAGE + 4]) == b"mine"
     assert store.duplicate_pages == 2
     memory.close()
+
+
+async def test_a_page_lost_by_the_push_is_asked_for_after_all_sent() -> None:
+    """The source believes it pushed page 100 (marked sent, never written): after
+    AllSent, with BULK closed, the destination asks for what is still missing."""
+    m = Migration(Mode.POSTCOPY)
+
+    def lose_a_page() -> None:
+        assert m.src is not None
+        m.src.cursor.mark(100, 1)
+
+    m.src_states.on_state["postcopy-active"] = lose_a_page
+    restored = await m.run()
+    m.assert_same_memory(restored)
+    assert m.src is not None and m.src.stats.postcopy_requested_pages >= 1

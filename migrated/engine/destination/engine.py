@@ -117,6 +117,8 @@ class DestinationEngine:
         self.bulk: list[BulkReceiver] = []
         self.prefaulter: PreFaulter | None = None
         self.guest_started = False
+        self.all_sent = False
+        self.last_sweep = 0.0
         self.shield: OomShield | None = None
         self.memory: GuestMemory | None = None
         self.staging: dict[Channel, memoryview] = {}
@@ -328,8 +330,11 @@ class DestinationEngine:
             store = self.store
             if store is None or self.session is None:
                 continue
-            if self.guest_started and not self.complete_sent and store.all_arrived():
-                guest.maybe_complete(self, force=True)
+            if self.guest_started and not self.complete_sent:
+                if store.all_arrived():
+                    guest.maybe_complete(self, force=True)
+                else:
+                    guest.sweep_if_stuck(self)
             self.emit(
                 {
                     "event": "progress",

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from migrated.kernel import UffdEventKind, Userfaultfd
-from migrated.protocol import PageRequest
+from migrated.protocol import MAX_REQUEST_NPAGES, PageRequest
 
 from ..ram import PAGE_SIZE
 from ..stats import MigrationStats
@@ -119,6 +119,24 @@ class FaultService:
         req = PageRequest(pend.request_id, self.store.ram.gpa_of_page(page), 1)
         if not self._send(req):
             log.debug("page request %d deferred: no link", pend.request_id)
+
+    def sweep(self, max_pages: int = 8192) -> int:
+        """Ask for up to ``max_pages`` pages that are still missing although the source
+        said it sent everything (AllSent) and no BULK connection is open: pages lost
+        with a connection, or claimed and never written.  Returns how many were asked
+        for.  Answers are installed like pushes; nothing waits on them here."""
+        asked = 0
+        for page, n in self.store.received.runs(False, MAX_REQUEST_NPAGES):
+            if asked >= max_pages:
+                break
+            req = PageRequest(self._next_id, self.store.ram.gpa_of_page(page), n)
+            self._next_id += 1
+            if not self._send(req):
+                break
+            asked += n
+        if asked:
+            log.warning("%d pages still missing after AllSent: asked for them", asked)
+        return asked
 
     def reissue(self) -> None:
         """Send every outstanding request again (after recovery)."""

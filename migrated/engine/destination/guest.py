@@ -9,6 +9,7 @@ releases its threads and userfaultfd, and the VM is like any other here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from functools import partial
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 S = MigrationState
+_BULK_GRACE_S = 5.0
+_SWEEP_INTERVAL_S = 1.0
 
 
 def on_switchover(eng: DestinationEngine, ch: Channel, s: Switchover) -> None:
@@ -141,7 +144,18 @@ def fault_failure(eng: DestinationEngine, exc: BaseException) -> None:
 
 
 def on_all_sent(eng: DestinationEngine, ch: Channel, a: AllSent) -> None:
+    eng.all_sent = True
     maybe_complete(eng)
+
+
+def sweep_if_stuck(eng: DestinationEngine) -> None:
+    """After AllSent, with no BULK connection left, ask for what is still missing
+    (called on each progress tick, so a lost page is asked for again until it came)."""
+    if eng.all_sent and not eng.complete_sent and not eng.bulk and eng.faults is not None:
+        now = time.monotonic()
+        if now - eng.last_sweep >= _SWEEP_INTERVAL_S:
+            eng.last_sweep = now
+            eng.faults.sweep()
 
 
 def maybe_complete(eng: DestinationEngine, *, force: bool = False) -> None:
@@ -173,8 +187,13 @@ async def finish(eng: DestinationEngine) -> None:
 
 async def release(eng: DestinationEngine, *, keep_guest: bool) -> None:
     """Stop and join every thread, close userfaultfd; without ``keep_guest`` also
-    destroy the VM and its memory (the guest never ran here)."""
+    destroy the VM and its memory (the guest never ran here).  On completion a BULK
+    connection is left for the source to close (it does once its push ended, §1), for
+    a grace period: closing it under the source's last writes would read as a lost
+    link there."""
     for receiver in list(eng.bulk):
+        if keep_guest:
+            await asyncio.wait([receiver.worker.done], timeout=_BULK_GRACE_S)
         receiver.worker.stop()
         try:
             await receiver.worker.join()
