@@ -99,6 +99,13 @@ async def _push(eng: SourceEngine) -> None:
                 # A destination without BULK support: push on MAIN instead.
                 eng.bulk_refused = True
                 eng.event("bulk-refused", reason=str(exc))
+            except LinkLost as exc:
+                # Losing BULK alone is not losing the link (MAIN's heartbeat decides
+                # that): push the rest on MAIN.  What the broken connection had claimed
+                # but not delivered, the destination asks for after AllSent.
+                if eng.session.state is not S.POSTCOPY_ACTIVE or eng.link.main is None:
+                    raise
+                eng.log.warning("the BULK connection failed (%s): pushing the rest on MAIN", exc)
         eng.stats.push_channel = "main"
         await push_on_main(
             eng.link,
