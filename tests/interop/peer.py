@@ -120,6 +120,9 @@ class Received:
     frames: Counter[str] = field(default_factory=Counter)  # "CHANNEL:Name" -> count
     events: list[str] = field(default_factory=list)  # control frames in arrival order
     requested_pages: int = 0
+    pages: Counter[str] = field(default_factory=Counter)  # "CHANNEL:phase" -> pages received
+    refused: list[str] = field(default_factory=list)  # Hellos answered with an Error
+    answers: list[tuple[int, str, int, int]] = field(default_factory=list)  # id, channel, range
 
 
 class _Session:
@@ -163,11 +166,24 @@ class _Session:
 
 
 class Destination:
-    """Accepts one migration on 127.0.0.1 and stores it.  ``setup_ack_delay_s`` holds
-    SetupAck back (heartbeats keep going: Progress before SetupAck, §6)."""
+    """Accepts one migration on 127.0.0.1 and stores it.
 
-    def __init__(self, *, setup_ack_delay_s: float = 0.0) -> None:
+    ``setup_ack_delay_s`` holds SetupAck back (heartbeats keep going: Progress before
+    SetupAck, §6).  ``refuse_bulk`` answers a BULK Hello with an Error (§1: the source
+    then pushes on MAIN).  ``requests_before_running`` sends that many PageRequests on
+    URGENT as soon as Commit arrives and holds Running back 0.3 s, so the requests
+    overtake Running (§1)."""
+
+    def __init__(
+        self,
+        *,
+        setup_ack_delay_s: float = 0.0,
+        refuse_bulk: bool = False,
+        requests_before_running: int = 0,
+    ) -> None:
         self.setup_ack_delay_s = setup_ack_delay_s
+        self.refuse_bulk = refuse_bulk
+        self.requests_before_running = requests_before_running
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.port = int(self.listener.getsockname()[1])
@@ -176,6 +192,7 @@ class Destination:
         self.session_id = b""
         self.bytes_received = 0
         self.all_sent = False
+        self.running_sent = False
         self.requests: dict[int, tuple[int, int]] = {}
         self.next_request_id = 0
         self.bulk_open = 0
@@ -217,6 +234,15 @@ class Destination:
         self.s.conns.append(conn)
         try:
             self._hello(conn)
+        except PeerError as exc:  # §5: refuses this connection only
+            self.got.refused.append(str(exc))
+            conn.send_error(exc.code, exc.message)
+            conn.close()
+            return
+        except OSError:
+            conn.close()
+            return
+        try:
             while True:
                 frame = conn.recv()
                 if frame is None:  # §9: clean EOF
@@ -270,6 +296,8 @@ class Destination:
             if role == URGENT:
                 self.urgent = conn
             if role == BULK:
+                if self.refuse_bulk:
+                    raise PeerError("unexpected", "this destination takes no BULK connection")
                 self.bulk_open += 1
         agreed = [f for f in features if f in SUPPORTED_FEATURES]
         conn.algo = checksum_algo(agreed)
@@ -300,8 +328,12 @@ class Destination:
                 if conn.channel != MAIN and s.state in ("active", "switchover"):
                     raise PeerError("unexpected", f"{name} on {conn.channel_name} before Commit")
                 gpa, npages, request_id = f.fields[:3]
-                self.requests.pop(request_id, None)
+                if self.requests.pop(request_id, None) is not None:
+                    self.got.answers.append((request_id, conn.channel_name, gpa, npages))
+                    self.got.events.append(f"{conn.channel_name}:answer {request_id}")
                 self.bytes_received += len(f.payload)
+                phase = "before-commit" if s.state in ("active", "switchover") else "after-commit"
+                self.got.pages[f"{conn.channel_name}:{phase}"] += npages
                 assert self.got.store is not None
                 self.got.store.install(
                     gpa, npages, f.payload or None, s.state in ("active", "switchover")
@@ -348,8 +380,8 @@ class Destination:
                 s.state = "ready"
             elif name == "Commit" and s.state == "ready":
                 s.state = "postcopy-active"
-                conn.send("Running")
-                self._maybe_complete()
+                if not self.requests_before_running:
+                    self._send_running(conn)
             elif name == "AllSent" and s.state in ("postcopy-active", "completed"):
                 self.all_sent = True
                 self._request_missing()
@@ -361,28 +393,55 @@ class Destination:
             else:
                 code = "cancel-refused" if name == "Cancel" else "unexpected"
                 raise PeerError(code, f"{name} in {s.state} (§6)")
-        if name == "Setup":  # outside the lock: the heartbeat keeps going meanwhile
+        # The delays happen outside the lock: the heartbeat and the other connections
+        # keep going meanwhile.
+        if name == "Setup":
             time.sleep(self.setup_ack_delay_s)
             with s.lock:
                 s.state = "active"
                 conn.send("SetupAck")
+        if name == "Commit" and self.requests_before_running:
+            with s.lock:
+                self._request(self.requests_before_running)
+                self.got.events.append("requests sent before Running")
+            time.sleep(0.3)
+            with s.lock:
+                self._send_running(conn)
+
+    def _send_running(self, conn: Conn) -> None:
+        conn.send("Running")
+        self.got.events.append("Running sent")
+        self.running_sent = True
+        self._maybe_complete()
 
     def _maybe_complete(self) -> None:
+        """Complete once every page is held; on MAIN after Running, never before it."""
         store = self.got.store
-        if self.s.state == "postcopy-active" and store and store.nheld == store.layout.total_pages:
+        if (
+            self.s.state == "postcopy-active"
+            and self.running_sent
+            and store
+            and store.nheld == store.layout.total_pages
+        ):
             assert self.s.main is not None
-            self.s.main.send("Complete", store.nheld)
+            # The state changes first: once Complete is out, the source may close URGENT
+            # and BULK at once, and their readers must find the session completed.
             self.s.state = "completed"
+            self.s.main.send("Complete", store.nheld)
 
     def _request_missing(self) -> None:
         """After AllSent and once every BULK connection ended, ask for what is still
-        missing on URGENT (MAIN without one)."""
-        if not self.all_sent or self.bulk_open or self.s.state != "postcopy-active":
-            return
+        missing."""
+        if self.all_sent and not self.bulk_open and self.s.state == "postcopy-active":
+            self._request(None)
+
+    def _request(self, limit: int | None) -> None:
+        """PageRequests on URGENT (MAIN without one) for up to ``limit`` missing runs."""
         assert self.got.store is not None
         conn = self.urgent or self.s.main
         assert conn is not None
-        for gpa, npages in self.got.store.runs(MAX_REQUEST_PAGES, missing_only=True):
+        runs = self.got.store.runs(MAX_REQUEST_PAGES, missing_only=True)
+        for gpa, npages in runs[:limit]:
             if (gpa, npages) in self.requests.values():
                 continue
             self.next_request_id += 1
@@ -395,8 +454,13 @@ class Source:
     """Sends ``got`` (from a :class:`Destination`) to a real destination at ``addr``, in
     postcopy mode: Switchover at once, VmState, Commit on Ready, then every page.
 
-    ``bulk_before_commit`` opens BULK and writes ``bulk_before_commit`` frames on it
-    before Commit's bytes are written to MAIN, so they overtake Commit (§1)."""
+    ``bulk_before_commit`` opens BULK and writes that many frames on it before Commit's
+    bytes are written to MAIN, so they overtake Commit (§1).  ``urgent`` False opens no
+    URGENT connection (requests then come on MAIN, §4); ``bulk`` False pushes on MAIN.
+    ``stale_resends`` ends the push with frames that claim pages the destination holds
+    already (zeros, and garbage): §4 says they are ignored, the guest's verify proves
+    it.  ``push_delay_s`` waits that long after Commit before pushing, so the guest
+    surely faults and its requests are served first."""
 
     def __init__(
         self,
@@ -406,12 +470,19 @@ class Source:
         features: tuple[str, ...] = ("checksum-xxh3",),
         frame_pages: int = 256,
         bulk_before_commit: int = 0,
+        urgent: bool = True,
+        bulk: bool = True,
+        stale_resends: bool = False,
+        push_delay_s: float = 0.0,
     ) -> None:
         assert got.store is not None and got.layout is not None
         self.addr, self.got, self.store = addr, got, got.store
         self.features = list(features)
         self.frame_pages = frame_pages
         self.bulk_before_commit = bulk_before_commit
+        self.urgent, self.bulk = urgent, bulk
+        self.stale_resends = stale_resends
+        self.push_delay_s = push_delay_s
         self.session_id = os.urandom(16)
         self.s = _Session()
         self.inbox: queue.Queue[Frame | BaseException] = queue.Queue()
@@ -419,6 +490,9 @@ class Source:
         self.pages_pushed = 0
         self.requests_answered = 0
         self.running_seen = False
+        self.bulk_refused: RemoteError | None = None
+        self.stale_sent = 0
+        self.urgent_eof_in = ""  # the state the source was in when URGENT ended, if before
         self.welcomes: dict[str, list[str]] = {}
         self.threads: list[threading.Thread] = []
 
@@ -459,6 +533,11 @@ class Source:
                 frame = conn.recv()
                 if frame is None:
                     if self.s.state == "completed" or conn.closed:
+                        return
+                    if conn.channel == URGENT:
+                        # The destination may close URGENT as soon as it sent Complete, and
+                        # that EOF can overtake Complete on MAIN: MAIN decides.
+                        self.urgent_eof_in = self.s.state
                         return
                     raise PeerError("protocol", f"{conn.channel_name} closed in {self.s.state}")
                 if frame.name == "Progress":
@@ -522,7 +601,8 @@ class Source:
         main.send("Progress", *self._progress())  # before SetupAck, on purpose
         self._expect("SetupAck", 10)
         self.s.state = "active"
-        self._open(URGENT)
+        if self.urgent:
+            self._open(URGENT)
         main.send("Switchover")
         self.s.state = "switchover"
         # Postcopy: no page has to be resident before VmState (§4 Switchover: "the final
@@ -542,12 +622,22 @@ class Source:
             main.send("Commit")
         else:
             main.send("Commit")
-            try:
-                bulk = self._open(BULK)
-            except RemoteError:  # §1: a destination MAY refuse BULK; push on MAIN then
-                bulk = None
+            bulk = None
+            if self.bulk:
+                try:
+                    bulk = self._open(BULK)
+                except RemoteError as exc:  # §1: a destination MAY refuse BULK: use MAIN
+                    self.bulk_refused = exc
+        push = bulk or main
+        time.sleep(self.push_delay_s)
+        stale_after = self._stale_ranges()[-1] if self.stale_resends else None
         for gpa, npages in runs:
-            self._send_pages(bulk or main, gpa, npages)
+            if stale_after is not None and gpa >= stale_after[0] + stale_after[1] * 4096:
+                # Mid-push, while the destination still misses the rest: sent at the end,
+                # they could find it completed, and it may close BULK once completed.
+                self._resend_stale(push)
+                stale_after = None
+            self._send_pages(push, gpa, npages)
             self.pages_pushed += npages
         if bulk is not None:
             bulk.close()  # §1: the clean end of a BULK connection
@@ -555,6 +645,24 @@ class Source:
         self._expect("Complete", timeout_s)
         self.s.state = "completed"
         main.send("CompleteAck")
+
+    def _stale_ranges(self) -> list[tuple[int, int]]:
+        """The page tables at GPA 0x10000 (the guest triple-faults if they are zeroed),
+        and two runs of guest data in the middle of region 0 (4 KiB pages)."""
+        start, nbytes, page_size = self.store.layout.regions[0]
+        assert page_size == 4096
+        middle = start + nbytes // 2
+        return [(start + 0x10000, 2), (middle, 16), (middle + 16 * page_size, 16)]
+
+    def _resend_stale(self, conn: Conn) -> None:
+        """Frames over pages already sent on this same ordered connection, so they reach
+        the destination after the true ones: zeros over the page tables and the first
+        data run, Pages of 0xA5 bytes over the second."""
+        (tables, n_tables), (zeros, n_zeros), (junk, n_junk) = self._stale_ranges()
+        conn.send("ZeroPages", tables, n_tables, 0)
+        conn.send("ZeroPages", zeros, n_zeros, 0)
+        conn.send_checked("Pages", junk, n_junk, 0, payload=b"\xa5" * (n_junk * 4096), seed=junk)
+        self.stale_sent = n_tables + n_zeros + n_junk
 
     def close(self) -> None:
         self.s.close()

@@ -28,11 +28,12 @@ GUEST = Guest(memory_mib=128, vcpus=1, hot_set_mib=8, writes_per_s=20000)
 
 
 def receive_from_real_source(
-    pair: Pair, mode: str, *send_args: str, setup_ack_delay_s: float = 0.0
-) -> Received:
-    """Real ``migrated run``/``send`` → the peer's Destination; returns what it stored."""
+    pair: Pair, mode: str, *send_args: str, **destination_args: Any
+) -> tuple[Received, dict[str, Any]]:
+    """Real ``migrated run``/``send`` → the peer's Destination; returns what it stored
+    and the real source's statistics."""
     pair.start_source(GUEST)
-    dst = Destination(setup_ack_delay_s=setup_ack_delay_s)
+    dst = Destination(**destination_args)
     try:
         to = f"127.0.0.1:{dst.port}"
         r = SendResult.parse(pair.cli(*pair.send_args(mode, *send_args, to=to), timeout=60))
@@ -58,20 +59,26 @@ def receive_from_real_source(
     )
     # The real source left by itself once the VM had gone.
     assert pair.source is not None and pair.source.wait(30) == 0, pair.logs()
-    return got
+    return got, r.result["stats"]
 
 
-def send_to_real_destination(pair: Pair, got: Received, **source_args: Any) -> Source:
-    """The peer's Source → a real ``migrated recv``; the guest must verify there."""
+def handover(pair: Pair, got: Received, **source_args: Any) -> Source:
+    """The peer's Source → a real ``migrated recv``."""
     pair.start_dest()
     src = Source(("127.0.0.1", pair.dest_port), got, **source_args)
     try:
         src.run(timeout_s=30)
-    except PeerError as exc:
+    except (PeerError, OSError) as exc:
         raise AssertionError(f"peer source: {exc}\n" + pair.logs()) from exc
     finally:
         src.close()
     assert src.running_seen
+    return src
+
+
+def send_to_real_destination(pair: Pair, got: Received, **source_args: Any) -> Source:
+    """:func:`handover`, then the guest must verify all of its memory there."""
+    src = handover(pair, got, **source_args)
     pair.assert_verifies(pair.dst_sock, GUEST.vcpus)
     st = pair.status(pair.dst_sock)
     assert st is not None and st["vm"]["runstate"] == "running", st
@@ -89,7 +96,9 @@ def vmstate_problems(blob: bytes, vcpus: int) -> list[str]:
         "params": list, "vcpus": list, "halted": list, "console_bytes": int,
         "report_seqs": list, "reports": list, "pending_commands": list,
     }  # fmt: skip
-    problems = [f"{k}: missing or not {t}" for k, t in want.items() if not isinstance(rec.get(k), t)]
+    problems = [
+        f"{k}: missing or not {t}" for k, t in want.items() if not isinstance(rec.get(k), t)
+    ]
     if problems:
         return problems
     if (rec["magic"], rec["version"]) != ("migrated-vmstate", 1):
@@ -138,38 +147,70 @@ def vmstate_problems(blob: bytes, vcpus: int) -> list[str]:
 
 
 def test_relay_hybrid(pair: Pair) -> None:
-    """Hybrid with xxh3 from the real source (precopy rounds and discards reach the
-    peer); the peer hands over with crc32, opening BULK and pushing on it before
+    """Hybrid with xxh3 from the real source (one precopy round, so the guest surely
+    dirtied pages: the round, its ack and the discards reach the peer); the peer hands over with crc32, opening BULK and pushing on it before
     Commit's bytes are written, so BULK pages overtake Commit (§1)."""
-    got = receive_from_real_source(pair, "hybrid", "--checksum")
+    got, stats = receive_from_real_source(pair, "hybrid", "--checksum", "--max-precopy-rounds", "1")
     assert got.features["MAIN"] == ["checksum-xxh3"], got.features
     assert got.frames["MAIN:PrecopyRoundEnd"] >= 1, got.frames
     assert got.frames["MAIN:Discard"] + got.frames["MAIN:DiscardBitmap"] >= 1, got.frames
-    src = send_to_real_destination(
-        pair, got, features=("checksum-crc32",), bulk_before_commit=8
-    )
+    assert stats["push_channel"] == "bulk" and got.frames["BULK:Pages"] > 0, got.frames
+    src = send_to_real_destination(pair, got, features=("checksum-crc32",), bulk_before_commit=8)
     assert src.welcomes == {n: ["checksum-crc32"] for n in ("MAIN", "URGENT", "BULK")}
 
 
 def test_relay_postcopy(pair: Pair) -> None:
-    """Postcopy without checksums from the real source; the peer hands over with xxh3,
-    BULK opened after Commit, and answers the real destination's page requests."""
-    got = receive_from_real_source(pair, "postcopy")
+    """Postcopy without checksums from the real source, which must answer PageRequests
+    sent on URGENT before Running (held back 0.3 s: they overtake it, issue 9 finding 2).
+    The peer hands over with xxh3, BULK after Commit, serves the real destination's
+    requests (the push waits 0.3 s, so the guest faults), and slips stale frames into
+    its push, over pages sent earlier on the same connection (zero runs over the page
+    tables and guest data, garbage Pages): the real destination must ignore them (§4,
+    issue 9 finding 1), which the guest's verify proves."""
+    got, _ = receive_from_real_source(pair, "postcopy", requests_before_running=4)
     assert got.features["MAIN"] == [], got.features
     assert got.frames["MAIN:PrecopyRoundEnd"] == 0
-    src = send_to_real_destination(pair, got, features=("checksum-xxh3",))
+    ev = got.events
+    assert ev.index("MAIN:Commit") < ev.index("requests sent before Running"), ev
+    # The real source answered on URGENT while Running was still held back.
+    assert ev.index("URGENT:answer 1") < ev.index("Running sent"), ev
+    early = sorted(a[:2] for a in got.answers if a[0] <= 4)
+    assert early == [(i, "URGENT") for i in range(1, 5)], got.answers
+    src = send_to_real_destination(
+        pair, got, features=("checksum-xxh3",), stale_resends=True, push_delay_s=0.3
+    )
     assert src.welcomes["MAIN"] == ["checksum-xxh3"]
     assert src.requests_answered > 0  # the real guest faulted, the peer served
+    assert src.stale_sent == 34
+
+
+def test_relay_detects_a_stale_page(pair: Pair) -> None:
+    """The proof is sharp: one byte changed in the relayed memory fails the verify."""
+    got, _ = receive_from_real_source(pair, "postcopy")
+    assert got.store is not None
+    got.store.memory[0][GUEST.memory_mib << 19] ^= 0xFF  # a data page in the middle
+    handover(pair, got)
+    r = pair.verify(pair.dst_sock)
+    assert r.returncode != 0 and "VERIFY FAIL" in r.stdout + r.stderr, (r.stdout, r.stderr)
 
 
 # -- single rules ------------------------------------------------------------------------
 
 
-def test_progress_before_setup_ack_is_accepted_by_the_real_source(pair: Pair) -> None:
+def test_progress_before_setup_ack_and_the_minimal_channels(pair: Pair) -> None:
     """Issue 9 finding 3: the peer sends Progress right after Welcome and keeps
-    heartbeating for 2.5 s before it answers Setup; the real source waits and completes."""
-    got = receive_from_real_source(pair, "postcopy", setup_ack_delay_s=2.5)
-    assert got.store is not None and got.store.nheld == got.layout.total_pages  # type: ignore[union-attr]
+    heartbeating for 2.5 s before it answers Setup; the real source waits.  The peer
+    also refuses BULK (§1: the real source pushes on MAIN).  Then the peer hands over
+    with MAIN alone: no checksum, no URGENT (the real destination's requests come on
+    MAIN, §4), no BULK."""
+    got, stats = receive_from_real_source(pair, "postcopy", setup_ack_delay_s=2.5, refuse_bulk=True)
+    assert stats["push_channel"] == "main", stats
+    assert not [k for k in got.frames if k.startswith("BULK:")], got.frames
+    src = send_to_real_destination(
+        pair, got, features=(), urgent=False, bulk=False, push_delay_s=0.3
+    )
+    assert set(src.welcomes) == {"MAIN"}
+    assert src.requests_answered > 0
 
 
 def _hello_reply(port: int, version: int, min_version: int) -> tuple[list[Any], bytes]:
