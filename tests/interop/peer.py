@@ -388,8 +388,8 @@ class Destination:
             elif name == "CompleteAck" and s.state == "completed":
                 s.done.set()
             elif name == "Cancel" and s.state not in ("postcopy-active", "completed"):
-                s.state = "cancelled"
-                raise PeerError("protocol", f"the source cancelled: {f.fields[0]}")
+                s.state = "cancelled"  # not an error to answer: the session just ends
+                raise RemoteError("cancelled", f"the source cancelled: {f.fields[0]}")
             else:
                 code = "cancel-refused" if name == "Cancel" else "unexpected"
                 raise PeerError(code, f"{name} in {s.state} (§6)")
@@ -457,7 +457,7 @@ class Source:
     ``bulk_before_commit`` opens BULK and writes that many frames on it before Commit's
     bytes are written to MAIN, so they overtake Commit (§1).  ``urgent`` False opens no
     URGENT connection (requests then come on MAIN, §4); ``bulk`` False pushes on MAIN.
-    ``stale_resends`` ends the push with frames that claim pages the destination holds
+    ``stale_resends`` slips into the push frames that claim pages the destination holds
     already (zeros, and garbage): §4 says they are ignored, the guest's verify proves
     it.  ``push_delay_s`` waits that long after Commit before pushing, so the guest
     surely faults and its requests are served first."""
@@ -492,7 +492,6 @@ class Source:
         self.running_seen = False
         self.bulk_refused: RemoteError | None = None
         self.stale_sent = 0
-        self.urgent_eof_in = ""  # the state the source was in when URGENT ended, if before
         self.welcomes: dict[str, list[str]] = {}
         self.threads: list[threading.Thread] = []
 
@@ -533,11 +532,6 @@ class Source:
                 frame = conn.recv()
                 if frame is None:
                     if self.s.state == "completed" or conn.closed:
-                        return
-                    if conn.channel == URGENT:
-                        # The destination may close URGENT as soon as it sent Complete, and
-                        # that EOF can overtake Complete on MAIN: MAIN decides.
-                        self.urgent_eof_in = self.s.state
                         return
                     raise PeerError("protocol", f"{conn.channel_name} closed in {self.s.state}")
                 if frame.name == "Progress":
