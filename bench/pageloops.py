@@ -9,14 +9,14 @@ engine's socket settings, page reporting off and memory warmed (bench/hostprep.p
   (always with the C push loop, so the sender is the same for both); the receiver
   installs them into userfaultfd-registered memory with
   - ``c``: :class:`migrated.kernel.AcceleratedReceiver` (C loop, GIL released),
-  - ``python``: the engine's ``BulkReceiver`` + ``PageInstaller`` (Connection, sink,
-    UFFDIO_COPY per frame from Python, a loop callback per frame).
+  - ``python``: the engine's ``BulkReceiver`` decoding through the Connection (its
+    path over TLS or with checksums: UFFDIO_COPY per frame from Python).
 * ``push``: the sender pushes ``--gib`` of guest RAM (``--zero-percent`` of it zero
   pages; with ``--source-thp`` also from RAM on transparent huge pages, variants
   ``*-thp``) to a receiver process that only drains the socket, with
   - ``c``: :class:`migrated.kernel.PushLoop`,
-  - ``python``: the engine's ``BulkPusher`` (find_run, zero scan, Connection.send,
-    sendmsg from Python).
+  - ``python``: the engine's push through the Connection (its TLS/checksum path:
+    claim, zero scan, Connection.send, sendmsg from Python).
 
 For each: wall seconds, GB/s, CPU seconds of the measured process (all its threads)
 and of its peer.  Prints one JSON object.  Not a test: no assertions on figures.
@@ -32,16 +32,11 @@ import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from migrated.engine.bulk import BulkPusher, BulkReceiver
-from migrated.engine.channel import tune_socket
-from migrated.engine.installer import PageInstaller
 
 from bench.hostprep import (
     describe,
@@ -50,7 +45,12 @@ from bench.hostprep import (
     restore_page_reporting,
     warm_host_memory,
 )
+from migrated.engine.destination.bulk import BulkReceiver
+from migrated.engine.destination.pages import PageStore
 from migrated.engine.ram import GuestRam
+from migrated.engine.source.push import PushCounters, PushCursor, _push_python
+from migrated.engine.stats import Pacer
+from migrated.engine.threads import Worker
 from migrated.kernel import (
     AcceleratedReceiver,
     GuestMemory,
@@ -79,6 +79,10 @@ from migrated.protocol import (
     negotiate,
 )
 from migrated.protocol.connection import Connection
+from migrated.protocol.session import Session
+from migrated.protocol.state import MigrationState
+from migrated.transport.blocking import BlockingChannel
+from migrated.transport.net import tune_socket
 
 PAGE = 4096
 HOOKS = ProtocolHooks(Pages, ZeroPages, NEED_DATA, ConnectionClosed, MAX_HEADER_NBYTES)
@@ -209,36 +213,37 @@ def recv_c(sock: socket.socket, conn: Connection, nbytes: int) -> dict[str, Any]
     }
 
 
+def bench_session(role: Role, conn: Connection, nbytes: int) -> Session:
+    """A Session holding ``conn`` as its BULK connection, in postcopy (the state the
+    engine's BULK paths run in)."""
+    session = Session(role, SID, layout=layout_of(nbytes))
+    session._register(conn, ChannelRole.BULK, time.monotonic())
+    session.table.state = MigrationState.POSTCOPY_ACTIVE
+    return session
+
+
 def recv_python(sock: socket.socket, conn: Connection, nbytes: int, frame: int) -> dict[str, Any]:
+    """The engine's BULK receiver decoding in Python (its TLS/checksum path)."""
     mem, uffd = registered(nbytes)
-    ram = GuestRam([(0, mem)])
-    received = PageBitmap(nbytes // PAGE)
+    store = PageStore(GuestRam([(0, mem)]))
+    store.seal(uffd)
+    session = bench_session(Role.DESTINATION, conn, nbytes)
 
     async def run() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        installer = PageInstaller(
-            ram, received, uffd, lambda runs: None, nbuffers=1, buffer_nbytes=frame
+        bc = BlockingChannel(
+            socket.socket(fileno=os.dup(sock.fileno())), conn, session, name="bulk"
         )
         installed = [0]
 
         def on_installed(runs: list[tuple[int, int]]) -> None:
             installed[0] += sum(n for _, n in runs)
 
-        def on_closed(exc: BaseException | None) -> None:
-            if not done.done():
-                done.set_result(exc)
-
-        rx = BulkReceiver(
-            os.dup(sock.fileno()), conn, installer, ram, frame, on_installed, on_closed
-        )
-        rx.start()
-        exc = await done
-        rx.join()
-        installer.close()
-        if exc is not None:
-            raise exc
-        return {"installed_pages": installed[0], "install_s": round(installer.install_s, 4)}
+        rx = BulkReceiver(bc, store, on_installed, max_frame_nbytes=frame, accelerated=False)
+        rx.worker.start()
+        await rx.worker.join()
+        await asyncio.sleep(0)  # the last on_installed callbacks
+        bc.close()
+        return {"installed_pages": installed[0], "install_s": round(store.install_s, 4)}
 
     out = asyncio.run(run())
     uffd.unregister(mem.address, nbytes)
@@ -301,31 +306,27 @@ def push_c(sock: socket.socket, mem: GuestMemory, nbytes: int, frame: int) -> di
 
 
 def push_python(port: int, mem: GuestMemory, nbytes: int, frame: int) -> dict[str, Any]:
+    """The engine's BULK push through the Connection (its TLS/checksum path)."""
     ram = GuestRam([(0, mem)])
+    sock = socket.create_connection(("127.0.0.1", port))
+    tune_socket(sock, bulk=True)
+    conn = source_handshake(sock, layout_of(nbytes), frame)
+    session = bench_session(Role.SOURCE, conn, nbytes)
+    counters = PushCounters()
 
-    async def run() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        pusher = BulkPusher(
-            ram=ram,
-            sent=PageBitmap(nbytes // PAGE),
-            lock=threading.Lock(),
-            hello=hello(),
-            host="127.0.0.1",
-            port=port,
-            frame_pages=frame // PAGE,
-            bandwidth_bytes_per_s=0,
-            connect_timeout_s=10,
-            on_done=lambda exc: done.done() or done.set_result(exc),
+    async def run() -> None:
+        bc = BlockingChannel(sock, conn, session, name="bulk")
+        cursor = PushCursor(nbytes // PAGE)
+        worker = Worker(
+            "bench-push",
+            lambda w: _push_python(w, bc, ram, cursor, frame // PAGE, Pacer(0), counters),
         )
-        pusher.start()
-        exc = await done
-        pusher.join()
-        if exc is not None:
-            raise exc
-        return {"zero_pages": pusher.zero_pages}
+        worker.start()
+        await worker.join()
+        bc.close()
 
-    return asyncio.run(run())
+    asyncio.run(run())
+    return {"zero_pages": counters.zero_pages}
 
 
 def bench_push(

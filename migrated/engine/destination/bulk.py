@@ -61,8 +61,10 @@ class BulkReceiver:
         on_installed: Callable[[Runs], None],
         *,
         max_frame_nbytes: int,
+        accelerated: bool = True,
     ) -> None:
         self.bc, self.store = bc, store
+        self._accelerate = accelerated
         self._on_installed = on_installed
         self._loop = asyncio.get_running_loop()
         self._max_frame_nbytes = max_frame_nbytes
@@ -84,7 +86,8 @@ class BulkReceiver:
 
     def _run(self, worker: Worker) -> None:
         usable = (
-            isinstance(self.store.pagemap, PageMap)
+            self._accelerate
+            and isinstance(self.store.pagemap, PageMap)
             and not isinstance(self.bc.sock, ssl.SSLSocket)
             and self.bc.conn.checksum is None
         )
