@@ -113,7 +113,14 @@ class Worker:
         return self.start()
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        except Exception:
+            if exc[0] is None:
+                raise
+            # Never let a failing wake-up replace the owner's exception (a
+            # cancellation above all): the join below still waits for the thread.
+            log.warning("stopping thread %s failed", self.name, exc_info=True)
         try:
             await self.join()
         except Exception as failure:

@@ -80,6 +80,9 @@ class PushLoop:
             raise_errno(ffi.errno or 12, "allocating the push loop")
         self._tx: Any = tx
         self._busy = threading.Lock()
+        #: Held by close() while it frees the C loop and by the any-thread calls
+        #: (interrupt, jump) while they touch it: none of them may see it freed.
+        self._guard = threading.Lock()
         self._final: TxStats | None = None
 
     def run(self, *, batch_nbytes: int, timeout_s: float) -> TxEvent:
@@ -95,13 +98,19 @@ class PushLoop:
     def jump(self, page: int) -> None:
         """Start the next claim at ``page`` (locality after a fault).  Any thread."""
         if 0 <= page < self.pagemap.total_pages:
-            self._live().jump = page
+            with self._guard:
+                if self._tx is not None:
+                    self._tx.jump = page
 
     def interrupt(self) -> None:
-        """Make a running (or the next) ``run()`` return INTERRUPTED.  Any thread."""
-        tx = self._live()
-        tx.interrupt = 1
-        os.eventfd_write(int(tx.wake_fd), 1)
+        """Make a running (or the next) ``run()`` return INTERRUPTED.  Any thread;
+        a no-op once the loop is closed (there is nothing left to interrupt)."""
+        with self._guard:
+            tx = self._tx
+            if tx is None:
+                return
+            tx.interrupt = 1
+            os.eventfd_write(int(tx.wake_fd), 1)
 
     @property
     def cursor(self) -> int:
@@ -144,8 +153,9 @@ class PushLoop:
             raise RuntimeError("close() while run() is in progress: join its thread first")
         try:
             self._final = self.stats
-            lib.mig_tx_free(self._tx)
-            self._tx = None
+            with self._guard:
+                lib.mig_tx_free(self._tx)
+                self._tx = None
         finally:
             self._busy.release()
 

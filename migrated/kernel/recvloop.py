@@ -98,6 +98,9 @@ class ReceiveLoop:
             raise_errno(ffi.errno or 12, "allocating the receive loop")
         self._rx: Any = rx
         self._busy = threading.Lock()
+        #: Held by close() while it frees the C loop and by the any-thread calls
+        #: (interrupt) while they touch it: none of them may see it freed.
+        self._guard = threading.Lock()
         self._wanted: PageBitmap | None = None
         self._final: RxStats | None = None
 
@@ -144,10 +147,14 @@ class ReceiveLoop:
         rx.wanted = ffi.NULL if wanted is None else wanted._c
 
     def interrupt(self) -> None:
-        """Make a running (or the next) ``run()`` return INTERRUPTED soon.  Any thread."""
-        rx = self._live()
-        rx.interrupt = 1
-        os.eventfd_write(int(rx.wake_fd), 1)
+        """Make a running (or the next) ``run()`` return INTERRUPTED soon.  Any thread;
+        a no-op once the loop is closed (there is nothing left to interrupt)."""
+        with self._guard:
+            rx = self._rx
+            if rx is None:
+                return
+            rx.interrupt = 1
+            os.eventfd_write(int(rx.wake_fd), 1)
 
     def clear_interrupt(self) -> None:
         self._live().interrupt = 0
@@ -188,8 +195,9 @@ class ReceiveLoop:
             raise RuntimeError("close() while run() is in progress: join its thread first")
         try:
             self._final = self.stats
-            lib.mig_rx_free(self._rx)
-            self._rx = None
+            with self._guard:
+                lib.mig_rx_free(self._rx)
+                self._rx = None
             self._staging_c = None
         finally:
             self._busy.release()

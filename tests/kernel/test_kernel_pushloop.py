@@ -240,3 +240,30 @@ def test_a_peer_that_stops_reading_makes_the_loop_idle_then_it_resumes() -> None
         assert stats.normal_pages == npages and stats.payload_bytes == npages * PAGE
         a.close()
         b.close()
+
+
+def test_interrupt_and_jump_racing_close_are_harmless() -> None:
+    """The owner's stop() may interrupt the loop while its thread closes it (the push
+    just ended): the interrupt must neither touch the freed loop nor fail (it did:
+    EBADF on the closed eventfd, which turned a cancellation into a 'failure')."""
+    with source_ram([16], set()) as (mems, layout):
+        for _ in range(200):
+            a, b = socket.socketpair()
+            loop = PushLoop(a.fileno(), pagemap(mems, layout, PageBitmap(16)), max_frame_pages=8)
+            go = threading.Barrier(2)
+
+            def poke(loop: PushLoop, go: threading.Barrier) -> None:
+                go.wait()
+                for _ in range(50):
+                    loop.interrupt()
+                    loop.jump(3)
+
+            t = threading.Thread(target=poke, args=(loop, go))
+            t.start()
+            go.wait()
+            loop.close()
+            t.join()
+            loop.interrupt()  # closed: nothing to interrupt, no error
+            loop.jump(5)
+            a.close()
+            b.close()

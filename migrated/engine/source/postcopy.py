@@ -73,6 +73,12 @@ async def run_postcopy(eng: SourceEngine) -> None:
         except Exception as exc:
             if eng.session.state is S.COMPLETED:
                 break
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled (the process is stopping) and something failed on the way
+                # out: the cancellation is what ends this, not a reason to recover.
+                eng.log.info("postcopy cancelled (%s on the way out)", exc)
+                raise asyncio.CancelledError from exc
             if not isinstance(exc, LinkLost | PeerRefused):
                 # Not the link.  Giving up would strand the VM (the destination needs
                 # the pages only this process holds): log it and start over through
