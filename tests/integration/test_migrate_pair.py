@@ -76,7 +76,10 @@ def test_hybrid_2vcpus_512mib_writing(pair: Pair) -> None:
     assert src["precopy_rounds"] >= 1, src
     assert dst["precopy_rounds"] >= 1, dst
     assert src["precopy_bytes"] > 0
-    assert dst["postcopy_requests"] >= 0
+    # The writer kept pages dirty to the end: hybrid really went to postcopy for them,
+    # and every page the destination asked for was answered.
+    assert src["postcopy_bytes"] > 0, src
+    assert dst["postcopy_requests"] == 0 or dst["fault_latency"]["count"] > 0, dst
     # The guest kept writing while it moved and keeps writing on the destination.
     after = pair.status(pair.dst_sock)
     assert after is not None

@@ -92,18 +92,3 @@ def test_vcpu_blocks_on_missing_page_until_installed() -> None:
         assert [e.data for e in exits if e.reason is ExitReason.IO] == [b"\xa5", b"\x00"]
         assert exits[-1].reason is ExitReason.HLT
         assert served == [0x5000, 0x7000]
-
-
-def test_unprivileged_open_error_names_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from migrated.kernel import uffd as uffd_mod
-
-    def refuse(flags: int) -> int:
-        raise OSError(
-            1,
-            "cannot create a userfaultfd: Operation not permitted. "
-            "set `sysctl vm.unprivileged_userfaultfd=1`",
-        )
-
-    monkeypatch.setattr(uffd_mod.Userfaultfd, "_new_fd", staticmethod(refuse))
-    with pytest.raises(OSError, match="unprivileged_userfaultfd"):
-        Userfaultfd.open()
