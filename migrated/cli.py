@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -27,6 +29,10 @@ def _loop_policy() -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # An operator's (or a test's) window into a process that seems stuck:
+    # `kill -USR2 PID` writes every thread's Python stack to stderr (the journal for
+    # units) and the process carries on.
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)  # USR1 kicks vCPUs
 
 
 # -- commands hosting a VM --------------------------------------------------------------

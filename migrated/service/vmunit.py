@@ -63,6 +63,7 @@ class UnitVmHost(VmHost):
         self.notifier = notifier
         self.ownership = Ownership(config.state_path(name))
         self._progress: dict[str, Any] = {}
+        self._claimed = False
         # Every migration channel of this VM (MAIN, URGENT, BULK) uses the host's TLS.
         super().__init__(
             config.control_path(name),
@@ -85,6 +86,8 @@ class UnitVmHost(VmHost):
                      extra={"migrated_vm": self.name})  # fmt: skip
         elif kind == "progress":
             self._progress = event
+        elif kind == "state" and event.get("side") == "destination":
+            self._claim_if_committed()
 
     async def boot(self, config: VmConfig) -> None:
         await super().boot(config)
@@ -114,21 +117,24 @@ class UnitVmHost(VmHost):
 
         return describe({"vm": machine_status(self.machine), "migration": mig})
 
+    def _claim_if_committed(self) -> None:
+        """The ownership record says "here" from the moment an incoming VM is ours
+        (the destination's session crossed the point of no return), written in the
+        same step as the state change that announced it."""
+        eng = self.destination
+        if self._claimed or eng is None or eng.session is None:
+            return
+        if eng.session.point_of_no_return:
+            self.ownership.write("here", "incoming")
+            self._claimed = True
+            log.info("VM %s now runs on this host", self.name,
+                     extra={"migrated_vm": self.name})  # fmt: skip
+
     async def watch(self) -> None:
-        """STATUS= every second; the ownership record once an incoming VM is ours."""
-        claimed = False
+        """STATUS= every second (and the ownership claim, should a state event have
+        been missed)."""
         while True:
-            eng = self.destination
-            if (
-                not claimed
-                and eng is not None
-                and eng.session is not None
-                and eng.session.point_of_no_return
-            ):
-                self.ownership.write("here", "incoming")
-                claimed = True
-                log.info("VM %s now runs on this host", self.name,
-                         extra={"migrated_vm": self.name})  # fmt: skip
+            self._claim_if_committed()
             with contextlib.suppress(Exception):
                 self.notifier.status(self.status_line())
             await asyncio.sleep(1.0)

@@ -213,7 +213,11 @@ class Host:
             if last:
                 return last
             time.sleep(every_s)
-        raise AssertionError(f"[{self.name}] timed out waiting for {what} (last: {last!r})")
+        logs = self.sh("journalctl --no-pager -n 60 -u 'migrated*'", check=False).stdout
+        raise AssertionError(
+            f"[{self.name}] timed out waiting for {what} (last: {last!r})\n"
+            f"--- journal of migrated* ---\n{logs}"
+        )
 
     def install(self) -> str:
         """The operator's install: venv, pip install, install-units.  Returns the

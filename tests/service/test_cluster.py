@@ -75,7 +75,20 @@ def test_migrate_between_two_daemons(cluster: Cluster) -> None:
     for h in (a, b):
         h.systemctl("restart", "migrated.service")
     assert migration_state(b) == "postcopy-active", "the restart disturbed the migration"
-    b.wait_for("completion on B", lambda: migration_state(b) == "completed", timeout_s=60)
+    try:
+        b.wait_for("completion on B", lambda: migration_state(b) == "completed" or None,
+                   timeout_s=60)  # fmt: skip
+    except AssertionError as exc:
+        for h, unit in ((a, "migrated-vm@web1"), (b, "migrated-incoming@web1")):
+            pid = h.show(f"{unit}.service", "MainPID")["MainPID"]
+            h.sh(f"kill -USR2 {pid}", check=False)  # every thread's stack to the journal
+        time.sleep(1)
+        b_logs = b.sh("journalctl --no-pager -n 150 -u 'migrated-incoming*'", check=False).stdout
+        logs = a.sh("journalctl --no-pager -n 150 -u 'migrated*'", check=False).stdout
+        logs += f"\n--- host-b: the incoming VM ---\n{b_logs}"
+        st = b.sh(f"{MIGRATED} status --control {SOCK} --json", check=False)
+        logs += f"\n--- status on B ---\n{st.returncode} {st.stdout} {st.stderr}"
+        raise AssertionError(f"{exc}\n--- host-a: journal of migrated* ---\n{logs}") from None
     # The operator's client lost the daemon that was relaying (exit 4), not the VM.
     a.wait_for(
         "the source unit to exit",
@@ -91,12 +104,19 @@ def test_migrate_between_two_daemons(cluster: Cluster) -> None:
 
     # After a postcopy migration B's metrics hold the fault-latency histogram and
     # the vCPU blocktime, from the VM process' own statistics.
-    m = scrape(b, f"http://{b.ip}:9440/metrics")  # type: ignore[attr-defined]
+    # (The daemon refreshes its view of each VM every second: wait for the one after
+    # completion.)
+    m = b.wait_for(
+        "B's metrics to show web1 running",
+        lambda: (lambda m: m if m.get('migrated_vms{state="running"}') == 1 else None)(
+            scrape(b, f"http://{b.ip}:9440/metrics")  # type: ignore[attr-defined]
+        ),
+        timeout_s=10,
+    )
     faults = m['migrated_postcopy_fault_latency_seconds_count{vm="web1"}']
     assert faults > 0
     assert m['migrated_postcopy_fault_latency_seconds_bucket{le="+Inf",vm="web1"}'] == faults
     assert 'migrated_postcopy_vcpu_blocktime_seconds{vcpu="0",vm="web1"}' in m
-    assert m['migrated_vms{state="running"}'] == 1
 
     # A never boots a second copy: the ownership record says where the VM went.
     record = json.loads(a.sh("cat /var/lib/migrated/vms/web1.json").stdout)

@@ -21,6 +21,7 @@ from migrated.errors import MigrationAborted, RemoteProtocolError
 from migrated.protocol import ErrorCode
 from migrated.protocol.state import MigrationState
 from migrated.transport.faults import parse
+from migrated.transport.security import Security
 from migrated.vmm.machine import Runstate
 
 from .fakes import PAGE, FakeMachine, FakePageMap, FakeRestored, FakeUffd
@@ -68,8 +69,11 @@ class Migration:
         src_fault: str | None = None,
         dst_fault: str | None = None,
         restore: Callable[[bytes, Any, Any], Any] | None = None,
+        security: tuple[Security, Security] | None = None,
+        recv: dict[str, Any] | None = None,
         **send: Any,
     ) -> None:
+        self.src_security, dst_security = security or (None, None)
         self.machine = FakeMachine(memory_bytes)
         self.uffd = FakeUffd()
         self.src_states, self.dst_states = States(), States()
@@ -77,8 +81,9 @@ class Migration:
         self.dst = DestinationEngine(
             "127.0.0.1",
             0,
-            RecvOptions(prefault=False),
+            RecvOptions(prefault=False, **(recv or {})),
             emit=self.dst_states,
+            security=dst_security,
             fault=parse(dst_fault) if dst_fault else None,
             admit=lambda nbytes: None,
             backend=Backend(self.restore, lambda: self.uffd, FakePageMap),  # type: ignore[arg-type]
@@ -96,6 +101,7 @@ class Migration:
             self.send,
             emit=self.src_states,
             fault=self.src_fault,
+            security=self.src_security,
         )
         return asyncio.create_task(self.dst.run()), asyncio.create_task(self.src.run())
 
@@ -291,3 +297,39 @@ async def test_a_page_lost_by_the_push_is_asked_for_after_all_sent() -> None:
     restored = await m.run()
     m.assert_same_memory(restored)
     assert m.src is not None and m.src.stats.postcopy_requested_pages >= 1
+
+
+def mutual_tls() -> tuple[Security, Security]:
+    """(source, destination) security: a test CA, both sides with certificates."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server, client = (
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+        ssl.create_default_context(),
+    )
+    for ctx, cert in ((server, ca.issue_cert("127.0.0.1")), (client, ca.issue_cert("source"))):
+        cert.configure_cert(ctx)
+        ca.configure_trust(ctx)
+    server.verify_mode = ssl.CERT_REQUIRED
+    return Security(client=client), Security(server=server)
+
+
+@pytest.mark.parametrize("buffers", [1, 2])
+async def test_postcopy_over_mutual_tls_with_the_staging_ring_always_full(buffers: int) -> None:
+    """Over TLS the destination's loop reads BULK and lends frames to the installer:
+    with two staging buffers, BULK stops reading after every other frame until one
+    comes back (it once never read again: the hold was released only for MAIN); with
+    one, it never stops (nothing else in flight would ever release it)."""
+    m = Migration(
+        Mode.POSTCOPY,
+        memory_bytes=64 * MiB,  # far more than the socket buffers hold
+        security=mutual_tls(),
+        recv={"install_buffers": buffers},
+    )
+    restored = await asyncio.wait_for(m.run(), 30)
+    m.assert_same_memory(restored)
+    assert m.src is not None and m.src.stats.push_channel == "bulk"
+    assert m.dst.stats.postcopy_bytes > 0

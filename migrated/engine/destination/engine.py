@@ -123,6 +123,8 @@ class DestinationEngine:
         self.memory: GuestMemory | None = None
         self.staging: dict[Channel, memoryview] = {}
         self.ring: dict[Channel, memoryview] = {}
+        #: Channels whose reading waits for a free staging buffer (see receive.sink).
+        self.staging_held: set[Channel] = set()
         self.complete_sent = False
         self.acceptor: Acceptor | None = None
         self.done: asyncio.Future[None] | None = None

@@ -45,6 +45,7 @@ class Installer:
         self._on_done = on_done
         self._on_buffer_free = on_buffer_free
         self._loop = asyncio.get_running_loop()
+        self.nbuffers = nbuffers
         self._free = [staging_buffer(buffer_nbytes) for _ in range(nbuffers)]
         self._free_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()

@@ -59,8 +59,12 @@ def sink(eng: DestinationEngine, ch: Channel, header: Any) -> memoryview | None:
         installer = get_installer(eng)
         buf = installer.take_buffer()
         if buf is not None:
-            if installer.buffers_free == 0:
+            if installer.buffers_free == 0 and installer.nbuffers > 1:
+                # The last buffer: read this frame into it, then nothing more until
+                # an earlier one comes back (with one buffer there is no earlier one:
+                # never hold, the next frame is installed on the loop instead).
                 ch.hold_reading("staging")
+                eng.staging_held.add(ch)
             eng.ring[ch] = buf
             return buf[:nbytes]
     # Each channel has its own staging buffer: a payload may arrive in pieces while
@@ -86,9 +90,13 @@ def get_installer(eng: DestinationEngine) -> Installer:
 
 
 def buffer_free(eng: DestinationEngine) -> None:
-    for ch in list(eng.ring) + ([eng.link.main] if eng.link and eng.link.main else []):
-        if isinstance(ch, Channel):
-            ch.release_reading("staging")
+    """A staging buffer came back: every channel that stopped reading for want of
+    one reads again.  (Those are remembered apart from ``eng.ring``, which forgets a
+    channel as soon as its frame is complete: the BULK channel that took the last
+    buffer was never released, and BULK over TLS stopped for good.)"""
+    held, eng.staging_held = eng.staging_held, set()
+    for ch in held:
+        ch.release_reading("staging")
 
 
 def on_pages(eng: DestinationEngine, ch: Channel, p: Pages) -> None:
