@@ -14,17 +14,43 @@ from migrated.engine import Mode, SendOptions
 from migrated.errors import ConfigError, StateError
 from migrated.protocol.state import MigrationState
 from migrated.transport.net import parse_address as _parse
-from migrated.vmm import Runstate
+from migrated.vmm import Machine, Runstate
 
 from .control import Emit, Handler
 
 if TYPE_CHECKING:
     from .vmhost import VmHost
 
-__all__ = ["handlers", "location", "parse_address", "send_options"]
+__all__ = ["handlers", "location", "machine_status", "parse_address", "send_options"]
 
 S = MigrationState
 Request = dict[str, Any]
+
+
+def machine_status(machine: Machine | None) -> dict[str, Any]:
+    if machine is None:
+        return {"runstate": "none"}
+    st = machine.status()
+    vcpus = []
+    for v in st.vcpus:
+        vcpus.append(
+            {
+                "index": v.index,
+                "runstate": v.runstate.value,
+                "last_report": v.last_report.text if v.last_report else None,
+                "last_report_ok": v.last_report.ok if v.last_report else None,
+                "writes": v.last_progress.args[0] if v.last_progress else None,
+                "crash": v.crash.describe() if v.crash else None,
+            }
+        )
+    return {
+        "name": st.name,
+        "uuid": st.uuid,
+        "runstate": st.runstate.value,
+        "memory_bytes": st.memory_bytes,
+        "console_bytes": st.console_bytes,
+        "vcpus": vcpus,
+    }
 
 
 def handlers(host: VmHost) -> dict[str, Handler]:
@@ -83,8 +109,6 @@ def location(host: VmHost) -> str:
 
 
 async def status(host: VmHost, req: Request, emit: Emit) -> dict[str, Any]:
-    from .vmhost import machine_status
-
     dst = host.destination
     return {
         "vm": machine_status(host.machine),

@@ -31,36 +31,10 @@ from . import commands
 from .control import ControlServer, Emit
 from .outgoing import Outgoing
 
-__all__ = ["VmHost", "machine_status"]
+__all__ = ["VmHost"]
 
 log = logging.getLogger(__name__)
 S = MigrationState
-
-
-def machine_status(machine: Machine | None) -> dict[str, Any]:
-    if machine is None:
-        return {"runstate": "none"}
-    st = machine.status()
-    vcpus = []
-    for v in st.vcpus:
-        vcpus.append(
-            {
-                "index": v.index,
-                "runstate": v.runstate.value,
-                "last_report": v.last_report.text if v.last_report else None,
-                "last_report_ok": v.last_report.ok if v.last_report else None,
-                "writes": v.last_progress.args[0] if v.last_progress else None,
-                "crash": v.crash.describe() if v.crash else None,
-            }
-        )
-    return {
-        "name": st.name,
-        "uuid": st.uuid,
-        "runstate": st.runstate.value,
-        "memory_bytes": st.memory_bytes,
-        "console_bytes": st.console_bytes,
-        "vcpus": vcpus,
-    }
 
 
 class VmHost:

@@ -113,7 +113,7 @@ class UnitVmHost(VmHost):
         mig = self.migration_status() or {}
         if self._progress and mig.get("status") not in (None, "completed", "failed"):
             mig = {**mig, **{k: v for k, v in self._progress.items() if k != "status"}}
-        from .vmhost import machine_status
+        from .commands import machine_status
 
         return describe({"vm": machine_status(self.machine), "migration": mig})
 

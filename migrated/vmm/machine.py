@@ -251,7 +251,12 @@ class Machine:
         try:
             self._vm = self._kvm.create_vm()
             if memory is None:
-                memory, owned = GuestMemory.create(config.memory_bytes), True
+                # A booted VM's RAM is never registered with userfaultfd: back it with
+                # transparent huge pages (as QEMU does), which makes the source's page
+                # scans and pushes cheaper (fewer TLB misses: 0.27 -> 0.19 CPU-s/GiB
+                # for the C push loop here, bench/pageloops.py).
+                memory = GuestMemory.create(config.memory_bytes, transparent_huge_pages=True)
+                owned = True
             else:
                 owned = own_memory
                 if memory.nbytes != config.memory_bytes:

@@ -5,7 +5,7 @@ namespaces (a black hole: no RST, no FIN, the peers only hear silence), ``ip lin
 down`` on the destination's veth, ``tbf`` rate limits that make a phase last seconds
 with a small guest, signals to either VM process (SIGKILL, SIGTERM, SIGSTOP/SIGCONT),
 a memory cgroup of our own with a limit, and the engine's fault hook
-``MIGRATED_FAULT=ACTION:DIRECTION:MESSAGE[:N]`` (see /work/notes/contract.md), which
+``MIGRATED_FAULT=ACTION:DIRECTION:MESSAGE[:N]`` (see migrated/transport/faults.py), which
 aborts every connection of the session at a given message boundary.
 
 The proofs of the end state:

@@ -1,6 +1,6 @@
 """Every message boundary of the switchover, on either side, cut before and after.
 
-The engine's hook (``MIGRATED_FAULT``, contract: /work/notes/contract.md) aborts every
+The engine's hook (``MIGRATED_FAULT``, grammar: migrated/transport/faults.py) aborts every
 connection of the session at the chosen boundary; reconnecting then works.  What must
 follow is fixed by the commit point: until the source has sent ``Commit`` every
 failure resumes the VM on the source (``send`` exits 1, the destination never runs

@@ -333,3 +333,25 @@ async def test_postcopy_over_mutual_tls_with_the_staging_ring_always_full(buffer
     m.assert_same_memory(restored)
     assert m.src is not None and m.src.stats.push_channel == "bulk"
     assert m.dst.stats.postcopy_bytes > 0
+
+
+async def test_a_link_lost_after_every_page_arrived_completes_on_reconnect() -> None:
+    """The link goes after the last page was pushed but before the source learnt of
+    the destination's Complete: the resumed MAIN is answered with Complete, and the
+    source completes (it once waited for another answer, then retried for ever)."""
+    m = Migration(Mode.POSTCOPY)
+
+    def cut() -> None:
+        assert m.src is not None
+        m.src.link.cut("test: link cut after AllSent")
+
+    m.src_states.on_event["all-sent"] = cut
+    dst_task, src_task = await m.start()
+    await m.src_states.reach("postcopy-paused")
+    assert m.src is not None
+    m.src.recover_now()
+    await asyncio.wait_for(src_task, 20)
+    restored = await dst_task
+    await m.dst.close()
+    m.assert_same_memory(restored)
+    assert m.src.state is S.COMPLETED and m.dst.state is S.COMPLETED

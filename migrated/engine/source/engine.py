@@ -379,7 +379,9 @@ class SourceEngine:
         if trouble.done():
             raise trouble.result()
         if what:
-            raise LinkLost(f"no {what} within {timeout_s:g} s (the destination did not answer)")
+            raise LinkLost(
+                f"no answer from the destination: gave up waiting for {what} after {timeout_s:g} s"
+            )
         return None
 
     async def wait_for_retry(self, delay_s: float) -> None:
@@ -441,6 +443,9 @@ class SourceEngine:
             self._resolve("resumed", event)
         elif t is Complete:
             self._resolve("complete", event)
+            # It may also be the answer to a resumed MAIN (every page had arrived):
+            # recovery waits for that answer.
+            self._resolve("resumed", event)
         elif t is Error:
             self._raise_trouble(
                 PeerRefused(f"the destination reported: {event.message}", code=event.code)

@@ -61,6 +61,8 @@ async def run_postcopy(eng: SourceEngine) -> None:
     ends the migration for good (the operator abandoning it)."""
     t0 = time.monotonic()
     while True:
+        if eng.session.state is S.COMPLETED:
+            break  # Complete came in answer to a recovery
         try:
             await _push(eng)
             if eng.session.state is S.POSTCOPY_ACTIVE:

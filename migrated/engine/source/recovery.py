@@ -8,9 +8,9 @@ when the operator abandons the migration (``migrated cont --force``).
 ``recovery_timeout_s`` bounds how long ``migrated send`` waits, not this.
 
 A resumed MAIN (``Hello(resume=true)``) is answered by the destination with
-``ReceivedBitmap`` (the guest runs there: push what it lacks) or with ``Ready`` (it
-never got our Commit: send it again).  Then URGENT reopens and outstanding requests
-are re-issued by the destination.
+``ReceivedBitmap`` (the guest runs there: push what it lacks), with ``Ready`` (it
+never got our Commit: send it again) or with ``Complete`` (every page had arrived).
+Then URGENT reopens and outstanding requests are re-issued by the destination.
 
 :func:`withdraw` is the other direction: a source that failed *before* the commit but
 after ``VmState`` may have left the destination holding the state, in doubt; it
@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from migrated.errors import LinkLost, MigratedError, PeerRefused
-from migrated.protocol import Cancel, ChannelRole, Commit, ErrorCode, ReceivedBitmap
+from migrated.protocol import Cancel, ChannelRole, Commit, Complete, ErrorCode, ReceivedBitmap
 from migrated.protocol.state import MigrationState
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ async def recover(eng: SourceEngine) -> None:
     eng.event("link-lost", error=reason)
     eng.state_changed()
     while True:
+        if eng.session.state is S.COMPLETED:
+            return  # the destination's Complete arrived: nothing left to recover
         eng.check_abandoned()
         try:
             await _resume(eng)
@@ -94,6 +96,10 @@ async def _resume(eng: SourceEngine) -> None:
     answer = await eng.until(
         eng.resumed, timeout_s=opts.connect_timeout_s, what="the answer to the resumed MAIN"
     )
+    if isinstance(answer, Complete):
+        # Every page had arrived before the link went: the destination says so.
+        eng.log.info("the destination had every page: it answered the resumed MAIN with Complete")
+        return
     if isinstance(answer, ReceivedBitmap):
         assert answer.data is not None
         eng.cursor.reset(eng.received_bitmap(answer.data))
