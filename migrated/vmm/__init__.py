@@ -17,6 +17,7 @@ from .machine import (
     VcpuStatus,
     install_kick_handler,
 )
+from .shell import VmShell
 from .state import VmState, VmStateError
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "VcpuRunstate",
     "VcpuStatus",
     "VmConfig",
+    "VmShell",
     "VmState",
     "VmStateError",
     "install_kick_handler",

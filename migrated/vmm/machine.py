@@ -52,6 +52,7 @@ from .devices import (
 )
 from .dirtylog import DirtyLog, SpareVcpu
 from .image import ImageInfo, load_image
+from .shell import VmShell
 from .state import MemoryRegionInfo, VmState, VmStateError
 
 __all__ = [
@@ -228,7 +229,13 @@ class Machine:
         board: StatusBoard | None = None,
         mailbox: CommandMailbox | None = None,
         console_bytes: int = 0,
+        shell: VmShell | None = None,
     ) -> None:
+        if shell is not None and (memory is None or not shell.fits(memory, config.vcpus)):
+            raise VmStateError(
+                f"the prepared KVM VM does not fit this VM ({config.vcpus} vCPUs, "
+                f"{config.memory_bytes} bytes of RAM)"
+            )
         self.config = config
         self.image = image
         self.params = params
@@ -238,9 +245,14 @@ class Machine:
         self._stop_requested = False
         self._started = False  # start() settled the run state; vCPU threads may run
         self._closed = False
-        self._owns_kvm = kvm is None
-        self._kvm = kvm if kvm is not None else Kvm.open()
+        adopted: list[Vcpu] = []
         self._vm: Vm | None = None
+        if shell is not None:
+            self._kvm, self._vm, adopted = shell.take()
+            self._owns_kvm = True
+        else:
+            self._owns_kvm = kvm is None
+            self._kvm = kvm if kvm is not None else Kvm.open()
         self.regions: list[MemoryRegion] = []
         self._runners: list[_Runner] = []
         self.board = board if board is not None else StatusBoard(config.vcpus)
@@ -249,7 +261,8 @@ class Machine:
             console if console is not None else config.console, bytes_written=console_bytes
         )
         try:
-            self._vm = self._kvm.create_vm()
+            if self._vm is None:
+                self._vm = self._kvm.create_vm()
             if memory is None:
                 # A booted VM's RAM is never registered with userfaultfd: back it with
                 # transparent huge pages (as QEMU does), which makes the source's page
@@ -265,15 +278,19 @@ class Machine:
                         f"{config.memory_bytes} bytes"
                     )
             self.regions.append(MemoryRegion(slot=0, gpa=0, memory=memory, owned=owned))
-            self._vm.set_memory_region(slot=0, gpa=0, memory=memory)
+            if shell is None:
+                self._vm.set_memory_region(slot=0, gpa=0, memory=memory)
             for i in range(config.vcpus):
                 state = initial_states[i] if initial_states is not None else None
-                runner = _Runner(vcpu=self._vm.create_vcpu(i), initial_state=state)
+                vcpu = adopted[i] if adopted else self._vm.create_vcpu(i)
+                runner = _Runner(vcpu=vcpu, initial_state=state)
                 if halted is not None and halted[i]:
                     runner.halted_before = True
                     runner.runstate = VcpuRunstate.HALTED
                 self._runners.append(runner)
         except BaseException:
+            for v in adopted[len(self._runners) :]:
+                v.close()
             self.close()
             raise
 
@@ -330,6 +347,7 @@ class Machine:
         config: VmConfig | None = None,
         kvm: Kvm | None = None,
         console: str | None = None,
+        shell: VmShell | None = None,
     ) -> Machine:
         """A machine whose vCPUs continue from ``state``.
 
@@ -338,7 +356,10 @@ class Machine:
         only with ``own_memory=True``.  If None, zeroed RAM is created (and owned) and
         the caller fills ``machine.memory`` before ``start()``.  This method never
         touches guest memory.  ``config`` defaults to the one in the
-        state.  Raises VmStateError when the state does not fit (size, vCPU count).
+        state.  ``shell``, built ahead over ``memory``, is adopted instead of creating
+        the KVM VM, its slot and vCPUs now (see vmm.shell); once adopted the machine
+        closes it, even when this raises.  Raises VmStateError when the state does not
+        fit (size, vCPU count, shell).
         """
         if config is None:
             config = VmConfig.from_dict(state.config)
@@ -368,6 +389,7 @@ class Machine:
             board=board,
             mailbox=mailbox,
             console_bytes=state.console_bytes,
+            shell=shell,
         )
 
     # -- properties -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from migrated.vmm import (
     StatusCode,
     VcpuRunstate,
     VmConfig,
+    VmShell,
     VmState,
     VmStateError,
 )
@@ -89,6 +90,53 @@ def test_restored_guest_continues_and_verifies(paused_source: Machine) -> None:
         assert all(r.args[1] == 1 for r in reports)
         assert all(a > b for a, b in zip(progress(m), written_before, strict=True))
         assert m.console.bytes_written == paused_source.console.bytes_written
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_restored_into_a_shell_built_ahead_the_guest_continues(paused_source: Machine) -> None:
+    """A destination builds the KVM VM, slot and vCPUs at Setup (VmShell); the restore
+    adopts them, the guest continues and verifies, and closing the machine releases
+    what the shell opened."""
+    state = VmState.from_bytes(paused_source.capture_state().to_bytes())
+    before = fds()
+    memory = copy_of(paused_source.memory)
+    shell = VmShell(memory, vcpus=2)
+    assert fds() >= before + 4  # /dev/kvm, the VM, two vCPUs (and the memory's fd)
+    m = Machine.restore(state, memory=memory, own_memory=True, shell=shell)
+    with m:
+        with pytest.raises(ValueError, match="already taken"):
+            shell.take()
+        m.start()
+        reports = m.verify(timeout_s=30)
+        assert all(r.ok for r in reports), [r.text for r in reports]
+    shell.close()  # idempotent, owns nothing now
+    assert fds() == before
+
+
+def test_a_shell_that_does_not_fit_is_refused_and_stays_the_callers(
+    paused_source: Machine,
+) -> None:
+    state = paused_source.capture_state()
+    before = fds()
+    with copy_of(paused_source.memory) as memory:
+        shell = VmShell(memory, vcpus=1)  # the state has 2
+        with pytest.raises(VmStateError, match="prepared KVM VM does not fit"):
+            Machine.restore(state, memory=memory, shell=shell)
+        other = VmShell(memory, vcpus=2)
+        with copy_of(memory) as elsewhere, pytest.raises(VmStateError, match="does not fit"):
+            Machine.restore(state, memory=elsewhere, shell=other)  # a shell over other memory
+        # Still usable by its owner, who closes it.
+        kvm, vm, vcpus = shell.take()
+        assert len(vcpus) == 1
+        for v in vcpus:
+            v.close()
+        vm.close()
+        kvm.close()
+        other.close()
+    assert fds() == before
 
 
 def test_state_hops_through_several_vms(paused_source: Machine) -> None:

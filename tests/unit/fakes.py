@@ -156,7 +156,12 @@ class FakeRestored:
     def memory(self) -> GuestMemory:
         return self.regions[0].memory
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        assert self.runstate is Runstate.CREATED
+        self.runstate = Runstate.PAUSED if paused else Runstate.RUNNING
+
+    def resume(self) -> None:
+        assert self.runstate is Runstate.PAUSED
         self.runstate = Runstate.RUNNING
 
     def vcpu_thread_ids(self) -> dict[int, int]:

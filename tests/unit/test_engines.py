@@ -68,7 +68,8 @@ class Migration:
         memory_bytes: int = 8 * MiB,
         src_fault: str | None = None,
         dst_fault: str | None = None,
-        restore: Callable[[bytes, Any, Any], Any] | None = None,
+        restore: Callable[[bytes, Any, Any, Any], Any] | None = None,
+        prebuild: Callable[[Any, int], Any] | None = None,
         security: tuple[Security, Security] | None = None,
         recv: dict[str, Any] | None = None,
         **send: Any,
@@ -77,7 +78,7 @@ class Migration:
         self.machine = FakeMachine(memory_bytes)
         self.uffd = FakeUffd()
         self.src_states, self.dst_states = States(), States()
-        self.restore = restore or (lambda data, memory, console: FakeRestored(data, memory))
+        self.restore = restore or (lambda data, memory, console, shell: FakeRestored(data, memory))
         self.dst = DestinationEngine(
             "127.0.0.1",
             0,
@@ -86,7 +87,7 @@ class Migration:
             security=dst_security,
             fault=parse(dst_fault) if dst_fault else None,
             admit=lambda nbytes: None,
-            backend=Backend(self.restore, lambda: self.uffd, FakePageMap),  # type: ignore[arg-type]
+            backend=Backend(self.restore, lambda: self.uffd, FakePageMap, prebuild),  # type: ignore[arg-type]
         )
         self.send = SendOptions(mode=mode, connect_timeout_s=5, **send)
         self.src_fault = parse(src_fault) if src_fault else None
@@ -132,6 +133,68 @@ async def test_a_fake_vm_migrates_in_every_mode(mode: Mode) -> None:
     assert m.machine.pauses == 1 and m.machine.runstate is Runstate.PAUSED
     assert "ready" in m.src_states.seen and "postcopy-active" in m.dst_states.seen
     assert m.src.stats.downtime_s > 0 and m.dst.stats.total_pages == m.machine.npages
+
+
+async def test_the_vm_is_built_at_setup_loaded_by_ready_and_only_let_go_at_commit() -> None:
+    """The downtime holds no VM creation and no vCPU loading: the destination builds
+    the VM at Setup, restores into it at VmState with the vCPUs loaded and parked
+    before Ready, and Commit only resumes them."""
+    built: list[tuple[int, int]] = []
+    shells: list[Any] = []
+    restored: list[FakeRestored] = []
+
+    class Shell:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    def prebuild(memory: Any, vcpus: int) -> Shell:
+        built.append((memory.nbytes, vcpus))
+        return Shell()
+
+    def restore(data: bytes, memory: Any, console: Any, shell: Any) -> FakeRestored:
+        shells.append(shell)
+        vm = FakeRestored(data, memory)
+        restored.append(vm)
+        return vm
+
+    m = Migration(Mode.POSTCOPY, restore=restore, prebuild=prebuild)
+    at_ready: list[Runstate] = []
+    m.src_states.on_state["ready"] = lambda: at_ready.append(restored[0].runstate)
+    vm = await m.run()
+    assert built == [(m.machine.memory.nbytes, 1)]
+    assert len(shells) == 1 and isinstance(shells[0], Shell)
+    assert at_ready == [Runstate.PAUSED]  # loaded, not run, when the source saw Ready
+    assert vm.runstate is Runstate.RUNNING
+    steps = m.dst.stats.downtime_breakdown_ms
+    assert {"load-vcpus", "wait-commit", "start-vcpus", "running-sent"} <= set(steps), steps
+    assert m.src is not None and "wait-running" in m.src.stats.downtime_breakdown_ms
+
+
+async def test_a_shell_built_for_a_failed_migration_is_closed() -> None:
+    shells: list[Any] = []
+
+    class Shell:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    def prebuild(memory: Any, vcpus: int) -> Shell:
+        shells.append(Shell())
+        return shells[-1]
+
+    def refuse(data: bytes, memory: Any, console: Any, shell: Any) -> Any:
+        raise RemoteProtocolError("cannot restore: test", code=ErrorCode.RESTORE_FAILED)
+
+    m = Migration(Mode.POSTCOPY, restore=refuse, prebuild=prebuild)
+    dst_task, src_task = await m.start()
+    with pytest.raises(MigrationAborted, match="the VM is running on the source"):
+        await src_task
+    with pytest.raises(MigrationAborted):
+        await dst_task
+    assert len(shells) == 1 and shells[0].closed
 
 
 async def test_guest_writes_during_precopy_are_resent_or_discarded() -> None:
@@ -217,7 +280,7 @@ async def test_cancel_in_precopy_resumes_the_vm_and_drops_the_destination() -> N
 
 
 async def test_a_destination_that_cannot_restore_leaves_the_vm_on_the_source() -> None:
-    def refuse(data: bytes, memory: Any, console: Any) -> Any:
+    def refuse(data: bytes, memory: Any, console: Any, shell: Any) -> Any:
         raise RemoteProtocolError("cannot restore: test", code=ErrorCode.RESTORE_FAILED)
 
     m = Migration(Mode.POSTCOPY, restore=refuse)

@@ -67,7 +67,7 @@ from .faults import FaultService
 from .installer import Installer
 from .pages import PageStore
 from .prefault import PreFaulter
-from .restore import KVM, Backend, Prepared
+from .restore import KVM, Backend, Prepared, prebuild
 from .setup import Admit, admit_memory, check_setup, default_admission
 
 __all__ = ["DestinationEngine"]
@@ -121,6 +121,8 @@ class DestinationEngine:
         self.last_sweep = 0.0
         self.shield: OomShield | None = None
         self.memory: GuestMemory | None = None
+        #: KVM VM, slot and vCPUs built at Setup for the restore to adopt (vmm.shell)
+        self.shell: Any = None
         self.staging: dict[Channel, memoryview] = {}
         self.ring: dict[Channel, memoryview] = {}
         #: Channels whose reading waits for a free staging buffer (see receive.sink).
@@ -130,6 +132,7 @@ class DestinationEngine:
         self.done: asyncio.Future[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.t0 = self.t_switch = self.t_running = 0.0
+        self.t_ready = 0.0  # Ready sent: the wait for Commit starts
 
     # -- public ------------------------------------------------------------------------
 
@@ -258,6 +261,13 @@ class DestinationEngine:
             return
         self.shield = OomShield()  # this process will hold the only copy of pages
         self.memory = GuestMemory.create(s.layout.regions[0].nbytes)
+        # The KVM VM, slot and vCPUs now rather than in the downtime (vmm.shell).
+        try:
+            self.shell = await prebuild(self.backend, self.memory, s.vcpu_count)
+        except (OSError, MigratedError) as exc:
+            self.log.warning("could not create the KVM VM ahead (%s): at VmState", exc)
+        if self.done is not None and self.done.done() and self.shell is not None:
+            self.shell.close()  # ended meanwhile, after release
         ram = GuestRam([(s.layout.regions[0].gpa, self.memory)])
         self.store = PageStore(ram, self.backend.new_pagemap)
         self.store.reservation = reservation

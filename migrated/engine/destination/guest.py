@@ -32,6 +32,7 @@ from migrated.protocol import (
 from migrated.protocol.state import MigrationState
 from migrated.transport.channel import Channel
 
+from ..stats import StepTimer
 from .faults import FaultService
 from .prefault import PreFaulter
 from .restore import prepare, start, teardown
@@ -75,6 +76,7 @@ async def prepare_guest(eng: DestinationEngine, state_bytes: bytes) -> None:
             eng.store,
             backend=eng.backend,
             console=eng.opts.console,
+            shell=eng.shell,
             steps=eng.stats.downtime_breakdown_ms,
         )
     except MigratedError as exc:
@@ -85,36 +87,49 @@ async def prepare_guest(eng: DestinationEngine, state_bytes: bytes) -> None:
         eng.fail(f"could not restore the VM here: {exc}")
         return
     eng.memory = None  # the machine owns it now
+    eng.shell = None  # adopted by the machine (or closed: it did not fit)
     if eng.state is not S.DEVICE:
         return  # the session ended meanwhile: _release tears it down
     eng.link.send_main(Ready())
+    eng.t_ready = time.monotonic()
     eng.log.info("holding the complete VM state; Ready sent, waiting for Commit")
     eng.state_event()
 
 
 def on_commit(eng: DestinationEngine, ch: Channel, c: Commit) -> None:
-    eng.own(run_guest(eng))
+    steps = eng.stats.downtime_breakdown_ms
+    if eng.t_ready:
+        steps["wait-commit"] = round((time.monotonic() - eng.t_ready) * 1e3, 3)
+    run_guest(eng, StepTimer(steps))
 
 
-async def run_guest(eng: DestinationEngine) -> None:
+def run_guest(eng: DestinationEngine, steps: StepTimer) -> None:
     assert eng.prepared is not None and eng.store is not None and eng.link is not None
     uffd = eng.prepared.uffd
     if uffd is not None:
         eng.faults = FaultService(
             eng.store, uffd, eng.stats, partial(send_request, eng), partial(fault_failure, eng)
         )
+        eng.faults.tid_to_vcpu = eng.prepared.machine.vcpu_thread_ids()
         eng.faults.start()
-    tids = await start(eng.prepared)
-    if eng.faults is not None:
-        eng.faults.tid_to_vcpu = tids
+    steps.mark("fault-service")
+    try:
+        start(eng.prepared)
+    except MigratedError as exc:  # it stopped since it was loaded: nothing runs here
+        eng.stats.error = f"the restored VM cannot run: {exc}"
+        eng.log.error("%s; the source holds the VM paused, committed", eng.stats.error)
+        eng.state_event()
+        return
+    steps.mark("start-vcpus")
     eng.guest_started = True
     eng.t_running = time.monotonic()
     eng.stats.downtime_s = eng.t_running - (eng.t_switch or eng.t_running)
-    eng.log.event("switchover", "the guest runs here (Commit received)")
     try:
-        eng.link.send_main(Running())
+        eng.link.send_main(Running())  # first: the source's downtime ends with it
     except MigratedError as exc:
         eng.log.info("Running not sent: %s", exc)
+    steps.mark("running-sent")
+    eng.log.event("switchover", "the guest runs here (Commit received)")
     eng.state_event()
     if eng.opts.prefault:
         eng.prefaulter = PreFaulter(eng.prepared.machine)
@@ -227,5 +242,8 @@ async def release(eng: DestinationEngine, *, keep_guest: bool) -> None:
             prepared.uffd = None
         return
     eng.prepared = None
+    if eng.shell is not None:
+        eng.shell.close()  # idempotent; before the memory its slot maps
+        eng.shell = None
     await teardown(prepared, eng.memory)
     eng.memory = None

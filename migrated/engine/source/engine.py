@@ -158,6 +158,7 @@ class SourceEngine:
         self.paused_since: float | None = None  # postcopy-paused since (monotonic)
         self.dest_bytes_received = 0
         self.downtime_t0 = 0.0
+        self.commit_t = 0.0  # when Commit was written (the downtime's last source step)
         self.pusher: PushCounters | None = None
         self.sent_at_commit: PageBitmap | None = None
         #: True when a failure left the destination possibly holding our state in
@@ -437,7 +438,11 @@ class SourceEngine:
                 self._resolve("ready", event)
         elif t is Running:
             if self.downtime_t0 and not self.stats.downtime_s:
-                self.stats.downtime_s = time.monotonic() - self.downtime_t0
+                now = time.monotonic()
+                self.stats.downtime_s = now - self.downtime_t0
+                if self.commit_t:
+                    steps = self.stats.downtime_breakdown_ms
+                    steps["wait-running"] = round((now - self.commit_t) * 1e3, 3)
                 self.event("running", downtime_ms=round(self.stats.downtime_s * 1e3, 3))
         elif t is ReceivedBitmap:
             self._resolve("resumed", event)

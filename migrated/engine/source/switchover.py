@@ -88,6 +88,7 @@ async def switch_over(eng: SourceEngine) -> None:
     # reconnect answered by Ready resumes the push from here (docs/protocol.md §7).
     eng.sent_at_commit = eng.cursor.sent.copy()
     eng.link.send_main(Commit())  # the point of no return
+    eng.commit_t = time.monotonic()
     mark("commit")
     eng.log.event("switchover", "committed the VM to the destination (Commit sent)")
     eng.state_changed()
