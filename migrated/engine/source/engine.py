@@ -341,6 +341,10 @@ class SourceEngine:
         return self._future("complete")
 
     @property
+    def running(self) -> asyncio.Future[Any]:
+        return self._future("running")
+
+    @property
     def resumed(self) -> asyncio.Future[Any]:
         return self._future("resumed")
 
@@ -444,6 +448,7 @@ class SourceEngine:
                     steps = self.stats.downtime_breakdown_ms
                     steps["wait-running"] = round((now - self.commit_t) * 1e3, 3)
                 self.event("running", downtime_ms=round(self.stats.downtime_s * 1e3, 3))
+            self._resolve("running", event)
         elif t is ReceivedBitmap:
             self._resolve("resumed", event)
         elif t is Complete:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["run_postcopy", "serve_request"]
 
 S = MigrationState
+_PUSH_AFTER_RUNNING_S = 0.02
 
 
 def serve_request(eng: SourceEngine, ch: Channel, req: PageRequest) -> None:
@@ -60,6 +61,12 @@ async def run_postcopy(eng: SourceEngine) -> None:
     """From Commit to Complete, recovering from every link loss.  Raises only what
     ends the migration for good (the operator abandoning it)."""
     t0 = time.monotonic()
+    # The push starts once the destination says the guest runs (or after a grace
+    # period: pages are wanted there from the Commit on, and faults are answered
+    # meanwhile).  Started at once, its two busy threads (ours, the destination's
+    # receiver) took the CPUs from the loops that carry Commit and Running: on two
+    # cores Commit -> Running went from ~0.5 ms to 0.7-2.4 ms, all of it downtime.
+    await asyncio.wait([eng.running, eng.complete], timeout=_PUSH_AFTER_RUNNING_S)
     while True:
         if eng.session.state is S.COMPLETED:
             break  # Complete came in answer to a recovery
