@@ -358,6 +358,7 @@ SOURCE_HEAD = r"""
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
 

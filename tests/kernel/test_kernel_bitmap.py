@@ -89,3 +89,23 @@ def test_discard_marked_drops_exactly_the_set_pages() -> None:
             assert mem.view[p * 4096] == expect and mem.view[p * 4096 + 4095] == expect
         with pytest.raises(ValueError, match="does not cover"):
             mem.discard_marked(bytearray(4))
+
+
+def test_discard_marked_across_several_kernel_batches() -> None:
+    """2500 separate runs: more than one batch of 1024 ranges for process_madvise (and
+    the per-range madvise where the kernel refuses it); every run and nothing else."""
+    npages = 3 * 2500 + 7
+    with GuestMemory.create(npages * 4096) as mem:
+        view = mem.view
+        view[:] = b"\x22" * mem.nbytes
+        bm = PageBitmap(npages)
+        marked = set()
+        for k in range(2500):  # runs of 1 or 2 pages with gaps between them
+            first = 3 * k
+            n = 1 + k % 2
+            bm.set(first, n)
+            marked.update(range(first, first + n))
+        assert mem.discard_marked(bm.data) == len(marked)
+        got = {p for p in range(npages) if view[p * 4096] == 0}
+        assert got == marked
+        assert all(view[p * 4096 + 4095] == (0 if p in marked else 0x22) for p in range(npages))
