@@ -12,6 +12,7 @@ everything here imitates a behaviour the kernel documents and those tests exerci
   memory with EEXIST semantics; a fault is :meth:`FakeUffd.touch` — it queues the
   event and makes the fd readable (an eventfd), like a vCPU touching a missing page.
 * :class:`FakeRestored`: the destination's VM, restored from a :class:`FakeState`.
+* :class:`FakeShell`: what a destination builds at Setup for the restore to adopt.
 """
 
 from __future__ import annotations
@@ -139,6 +140,17 @@ class FakeSpare:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class FakeShell:
+    """What a destination builds at Setup for the restore to adopt (vmm.VmShell)."""
+
+    vcpus: int
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeRestored:

@@ -24,7 +24,7 @@ from migrated.transport.faults import parse
 from migrated.transport.security import Security
 from migrated.vmm.machine import Runstate
 
-from .fakes import PAGE, FakeMachine, FakePageMap, FakeRestored, FakeUffd
+from .fakes import PAGE, FakeMachine, FakePageMap, FakeRestored, FakeShell, FakeUffd
 
 S = MigrationState
 MiB = 1 << 20
@@ -143,15 +143,9 @@ async def test_the_vm_is_built_at_setup_loaded_by_ready_and_only_let_go_at_commi
     shells: list[Any] = []
     restored: list[FakeRestored] = []
 
-    class Shell:
-        closed = False
-
-        def close(self) -> None:
-            self.closed = True
-
-    def prebuild(memory: Any, vcpus: int) -> Shell:
+    def prebuild(memory: Any, vcpus: int) -> FakeShell:
         built.append((memory.nbytes, vcpus))
-        return Shell()
+        return FakeShell(vcpus)
 
     def restore(data: bytes, memory: Any, console: Any, shell: Any) -> FakeRestored:
         shells.append(shell)
@@ -164,7 +158,7 @@ async def test_the_vm_is_built_at_setup_loaded_by_ready_and_only_let_go_at_commi
     m.src_states.on_state["ready"] = lambda: at_ready.append(restored[0].runstate)
     vm = await m.run()
     assert built == [(m.machine.memory.nbytes, 1)]
-    assert len(shells) == 1 and isinstance(shells[0], Shell)
+    assert len(shells) == 1 and isinstance(shells[0], FakeShell)
     assert at_ready == [Runstate.PAUSED]  # loaded, not run, when the source saw Ready
     assert vm.runstate is Runstate.RUNNING
     steps = m.dst.stats.downtime_breakdown_ms
@@ -173,16 +167,10 @@ async def test_the_vm_is_built_at_setup_loaded_by_ready_and_only_let_go_at_commi
 
 
 async def test_a_shell_built_for_a_failed_migration_is_closed() -> None:
-    shells: list[Any] = []
+    shells: list[FakeShell] = []
 
-    class Shell:
-        closed = False
-
-        def close(self) -> None:
-            self.closed = True
-
-    def prebuild(memory: Any, vcpus: int) -> Shell:
-        shells.append(Shell())
+    def prebuild(memory: Any, vcpus: int) -> FakeShell:
+        shells.append(FakeShell(vcpus))
         return shells[-1]
 
     def refuse(data: bytes, memory: Any, console: Any, shell: Any) -> Any:
