@@ -9,5 +9,6 @@ worker threads.
 from .destination import DestinationEngine
 from .options import Mode, RecvOptions, SendOptions
 from .source import SourceEngine
+from .source.abort import phase_name
 
-__all__ = ["DestinationEngine", "Mode", "RecvOptions", "SendOptions", "SourceEngine"]
+__all__ = ["DestinationEngine", "Mode", "RecvOptions", "SendOptions", "SourceEngine", "phase_name"]

@@ -19,8 +19,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from migrated.engine import DestinationEngine, RecvOptions, SendOptions, SourceEngine
-from migrated.engine.source.engine import phase_name
+from migrated.engine import DestinationEngine, RecvOptions, SendOptions, SourceEngine, phase_name
 from migrated.errors import MigratedError, MigrationAborted, StateError
 from migrated.protocol.state import MigrationState
 from migrated.transport.faults import FaultPlan

@@ -8,15 +8,16 @@ source.postcopy; recovery after link loss, source.recovery) → completed.
 Where the VM is when something fails is the contract:
 
 * before Commit is sent, any failure or cancel resumes the VM here, unchanged (dirty
-  logging off again): :class:`MigrationAborted`.  If the destination may be holding
-  the state in doubt (``VmState`` went out), :meth:`withdraw` tells it later;
+  logging off again): :class:`MigrationAborted` (source.abort).  If the destination
+  may be holding the state in doubt (``VmState`` went out), :meth:`withdraw` tells it
+  later;
 * after it, the VM runs on the destination and stays paused here; link loss means
   ``postcopy-paused`` and the engine reconnects for as long as it takes.  :meth:`run`
   then only returns on completion or when the operator abandons the migration.
 
 Events from the destination arrive on the loop through :meth:`_on_event`; the phases
 wait for the futures those events resolve, or for the *trouble* future (link lost,
-Error received, cancel) with :meth:`until`.
+Error received, cancel) with :meth:`until` (source.answers).
 """
 
 from __future__ import annotations
@@ -32,14 +33,11 @@ from migrated.errors import (
     MigratedError,
     MigrationAborted,
     PeerRefused,
-    RemoteProtocolError,
-    TransportError,
 )
 from migrated.kernel import PageBitmap
 from migrated.log import migration_logger
 from migrated.protocol import (
     FEATURE_CHECKSUM_XXH3,
-    Cancel,
     ChannelRole,
     Complete,
     CompleteAck,
@@ -66,6 +64,8 @@ from migrated.vmm.admission import OomShield
 from ..options import Mode, SendOptions
 from ..ram import PAGE_SIZE, GuestRam
 from ..stats import MigrationStats, Pacer
+from .abort import Cancelled, abort
+from .answers import Answers
 from .postcopy import run_postcopy, serve_request
 from .precopy import SwitchRequested, run_precopy
 from .push import PushCounters, PushCursor
@@ -76,23 +76,6 @@ __all__ = ["SourceEngine"]
 
 Emit = Callable[[dict[str, Any]], None]
 S = MigrationState
-
-
-class _Cancelled(MigratedError):
-    """Internal: the operator cancelled before the commit."""
-
-
-def phase_name(state: MigrationState) -> str:
-    """The phase a state belongs to, as an operator says it."""
-    return {S.ACTIVE: "precopy", S.DEVICE: "switchover (device state)"}.get(state, state.value)
-
-
-def fault_side(exc: BaseException) -> str:
-    """Which side a failure before the commit came from: the network and the peer's
-    refusals are the destination's side, everything else happened here."""
-    if isinstance(exc, TransportError | PeerRefused | RemoteProtocolError):
-        return "destination"
-    return "source"
 
 
 class SourceEngine:
@@ -167,8 +150,7 @@ class SourceEngine:
         self._cancel_reason: str | None = None
         self._abandon_reason: str | None = None
         self._t0 = time.monotonic()
-        self._futures: dict[str, asyncio.Future[Any]] = {}
-        self._trouble: asyncio.Future[MigratedError] | None = None
+        self.answers = Answers()
         self._retry_now: asyncio.Event | None = None
 
     # -- control from other tasks ------------------------------------------------------
@@ -185,7 +167,7 @@ class SourceEngine:
         if self.session.point_of_no_return or self.state.terminal:
             return False
         self._cancel_reason = reason
-        self._raise_trouble(_Cancelled(f"migration cancelled: {reason}"))
+        self.answers.raise_trouble(Cancelled(f"migration cancelled: {reason}"))
         return True
 
     def recover_now(self, host: str | None = None, port: int | None = None) -> None:
@@ -212,7 +194,7 @@ class SourceEngine:
         """Migrate; returns the statistics on completion.  Raises MigrationAborted
         (before the commit, VM resumed here; or abandoned after it)."""
         self._retry_now = asyncio.Event()
-        self.new_trouble()
+        self.answers.new_trouble()
         self.link = Link(
             self.session,
             security=self.security,
@@ -229,8 +211,7 @@ class SourceEngine:
                     await run_precopy(self)
                 await switch_over(self)
             except BaseException as exc:
-                await self._abort(exc)
-                raise AssertionError("unreachable") from exc
+                await abort(self, exc, self._cancel_reason)
             # Until completion this process holds the only copy of the pages the
             # destination lacks: the OOM killer must pick someone else.
             shield = OomShield()
@@ -254,56 +235,13 @@ class SourceEngine:
         )
         cfg = self.machine.config
         self.link.send_main(Setup(cfg.name, cfg.uuid, self.ram.layout, cfg.vcpus, opts.mode.value))
-        await self.until(self.setup_ack, timeout_s=opts.connect_timeout_s, what="SetupAck")
+        await self.until(self.answers.setup_ack, timeout_s=opts.connect_timeout_s, what="SetupAck")
         await self.link.open(
             ChannelRole.URGENT, self.host, self.port, timeout_s=opts.connect_timeout_s
         )
         self.stats.setup_s = time.monotonic() - t
         self.log.info("migration to %s:%d set up (%s mode)", self.host, self.port, opts.mode.value)
         self.state_changed()
-
-    async def _abort(self, exc: BaseException) -> None:
-        """Before the commit: resume the VM here, unchanged, then raise what happened."""
-        if self.session.point_of_no_return:
-            raise exc  # Commit went out: never resume here
-        cancelled = isinstance(exc, _Cancelled)
-        reason = str(exc) or type(exc).__name__
-        main = self.link.main
-        if main is not None and main.is_open:
-            try:
-                if cancelled:
-                    main.send(Cancel(self._cancel_reason or "cancelled"))
-                elif not isinstance(exc, PeerRefused | LinkLost):
-                    code = getattr(exc, "code", "internal")
-                    main.send(Error(code, f"source: {reason}"[:4000]))
-            except MigratedError as err:
-                self.log.info("could not tell the destination: %s", err)
-        else:
-            # The destination may hold our VmState and wait for a Commit in doubt.
-            self.needs_withdraw = self.state in (S.DEVICE, S.READY) or self.paused
-        if not self.state.terminal:
-            self.link.cut(reason)
-        try:
-            await asyncio.to_thread(self.dirty_log.disable)
-        except OSError as err:  # the VM still runs correctly without; say so
-            self.log.warning("could not switch dirty logging off: %s", err)
-        if self.paused:
-            await asyncio.to_thread(self.machine.resume)
-            self.paused = False
-        self.stats.error = reason
-        self.state_changed()
-        if isinstance(exc, asyncio.CancelledError):
-            raise exc
-        phase = phase_name(self.session.table.before_end)
-        if cancelled:
-            what = f"cancelled in {phase}"
-        else:
-            what = f"failed in {phase} on the {fault_side(exc)} side"
-        self.log.event("failed", "migration %s: %s; the VM runs here again", what, reason)
-        raise MigrationAborted(
-            f"migration to {self.host}:{self.port} {what}: {reason}; the VM is running on "
-            "the source, unchanged"
-        ) from exc
 
     async def withdraw(self) -> bool:
         """After an abort with :attr:`needs_withdraw`: tell the destination."""
@@ -322,72 +260,11 @@ class SourceEngine:
 
     # -- waiting -----------------------------------------------------------------------
 
-    def _future(self, name: str) -> asyncio.Future[Any]:
-        fut = self._futures.get(name)
-        if fut is None:
-            fut = self._futures[name] = asyncio.get_running_loop().create_future()
-        return fut
-
-    @property
-    def setup_ack(self) -> asyncio.Future[Any]:
-        return self._future("setup-ack")
-
-    @property
-    def ready(self) -> asyncio.Future[Any]:
-        return self._future("ready")
-
-    @property
-    def complete(self) -> asyncio.Future[Any]:
-        return self._future("complete")
-
-    @property
-    def running(self) -> asyncio.Future[Any]:
-        return self._future("running")
-
-    @property
-    def resumed(self) -> asyncio.Future[Any]:
-        return self._future("resumed")
-
-    def ack_arrived(self) -> asyncio.Future[Any]:
-        """A future for the next PrecopyRoundAck (a fresh one once the last arrived)."""
-        fut = self._future("ack")
-        if fut.done():
-            del self._futures["ack"]
-            fut = self._future("ack")
-        return fut
-
-    def _resolve(self, name: str, value: Any) -> None:
-        fut = self._future(name)
-        if not fut.done():
-            fut.set_result(value)
-
-    def new_trouble(self) -> None:
-        """A fresh trouble future (after recovery: the old trouble is dealt with)."""
-        self._trouble = asyncio.get_running_loop().create_future()
-        self._trouble.add_done_callback(lambda f: f.cancelled() or f.result())
-        self._futures.pop("resumed", None)
-
-    def _raise_trouble(self, exc: MigratedError) -> None:
-        if self._trouble is not None and not self._trouble.done():
-            self._trouble.set_result(exc)
-
     async def until(
         self, fut: asyncio.Future[Any], *, timeout_s: float | None = None, what: str = ""
     ) -> Any:
-        """Wait for ``fut``; raises the trouble that came first (link lost, Error,
-        cancel) or LinkLost after ``timeout_s``."""
-        assert self._trouble is not None
-        trouble = self._trouble
-        await asyncio.wait([fut, trouble], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if fut.done():
-            return fut.result()
-        if trouble.done():
-            raise trouble.result()
-        if what:
-            raise LinkLost(
-                f"no answer from the destination: gave up waiting for {what} after {timeout_s:g} s"
-            )
-        return None
+        """:meth:`Answers.until`: ``fut`` or the trouble, whichever comes first."""
+        return await self.answers.until(fut, timeout_s=timeout_s, what=what)
 
     async def wait_for_retry(self, delay_s: float) -> None:
         assert self._retry_now is not None
@@ -401,9 +278,9 @@ class SourceEngine:
     def check_interrupts(self, *, allow_switch: bool) -> None:
         """Raise the trouble that arrived (cancel, link lost, Error), or
         SwitchRequested when the operator asked for postcopy (in precopy)."""
-        assert self._trouble is not None
-        if self._trouble.done():
-            raise self._trouble.result()
+        trouble = self.answers.trouble()
+        if trouble is not None:
+            raise trouble
         if allow_switch and self.switch_requested:
             raise SwitchRequested()
 
@@ -432,14 +309,14 @@ class SourceEngine:
             pass  # the heartbeat: the session noted the bytes
         elif t is PrecopyRoundAck:
             self.dest_bytes_received = event.bytes_received
-            self._resolve("ack", event)
+            self.answers.resolve("ack", event)
         elif t is SetupAck:
-            self._resolve("setup-ack", event)
+            self.answers.resolve("setup-ack", event)
         elif t is Ready:
             if self.state is S.POSTCOPY_RECOVER:
-                self._resolve("resumed", event)
+                self.answers.resolve("resumed", event)
             else:
-                self._resolve("ready", event)
+                self.answers.resolve("ready", event)
         elif t is Running:
             if self.downtime_t0 and not self.stats.downtime_s:
                 now = time.monotonic()
@@ -448,16 +325,16 @@ class SourceEngine:
                     steps = self.stats.downtime_breakdown_ms
                     steps["wait-running"] = round((now - self.commit_t) * 1e3, 3)
                 self.event("running", downtime_ms=round(self.stats.downtime_s * 1e3, 3))
-            self._resolve("running", event)
+            self.answers.resolve("running", event)
         elif t is ReceivedBitmap:
-            self._resolve("resumed", event)
+            self.answers.resolve("resumed", event)
         elif t is Complete:
-            self._resolve("complete", event)
+            self.answers.resolve("complete", event)
             # It may also be the answer to a resumed MAIN (every page had arrived):
             # recovery waits for that answer.
-            self._resolve("resumed", event)
+            self.answers.resolve("resumed", event)
         elif t is Error:
-            self._raise_trouble(
+            self.answers.raise_trouble(
                 PeerRefused(f"the destination reported: {event.message}", code=event.code)
             )
 
@@ -466,7 +343,7 @@ class SourceEngine:
             return  # the push's owner sees it; MAIN's heartbeat judges the link
         reason = self.session.lost_reason or (str(exc) if exc else "the connection closed")
         if self.state in (S.FAILED, S.POSTCOPY_PAUSED, S.CANCELLED):
-            self._raise_trouble(LinkLost(reason))
+            self.answers.raise_trouble(LinkLost(reason))
 
     def link_lost(self, reason: str) -> None:
         """Postcopy: make sure every connection is down before recovering."""

@@ -66,7 +66,7 @@ async def run_postcopy(eng: SourceEngine) -> None:
     # meanwhile).  Started at once, its two busy threads (ours, the destination's
     # receiver) took the CPUs from the loops that carry Commit and Running: on two
     # cores Commit -> Running went from ~0.5 ms to 0.7-2.4 ms, all of it downtime.
-    await asyncio.wait([eng.running, eng.complete], timeout=_PUSH_AFTER_RUNNING_S)
+    await asyncio.wait([eng.answers.running, eng.answers.complete], timeout=_PUSH_AFTER_RUNNING_S)
     while True:
         if eng.session.state is S.COMPLETED:
             break  # Complete came in answer to a recovery
@@ -75,7 +75,7 @@ async def run_postcopy(eng: SourceEngine) -> None:
             if eng.session.state is S.POSTCOPY_ACTIVE:
                 eng.link.send_main(AllSent())
                 eng.event("all-sent")
-            await eng.until(eng.complete, what="the destination's Complete")
+            await eng.until(eng.answers.complete, what="the destination's Complete")
             break
         except MigrationAborted:
             raise  # the operator abandoned it

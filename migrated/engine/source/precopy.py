@@ -138,4 +138,4 @@ async def settle(eng: SourceEngine, timeout_s: float = 2.0) -> None:
         now = time.monotonic()
         if now >= deadline and eng.heard_from_destination_within(2 * eng.opts.heartbeat_interval_s):
             return  # slow but alive: go
-        await eng.until(eng.ack_arrived(), timeout_s=0.05)
+        await eng.until(eng.answers.ack_arrived(), timeout_s=0.05)

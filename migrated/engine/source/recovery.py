@@ -88,13 +88,13 @@ def _report_failed_attempt(eng: SourceEngine, exc: MigratedError, delay_s: float
 
 async def _resume(eng: SourceEngine) -> None:
     opts = eng.opts
-    eng.new_trouble()
+    eng.answers.new_trouble()
     eng.session.table.begin_recovery()
     await eng.link.open(
         ChannelRole.MAIN, eng.host, eng.port, resume=True, timeout_s=opts.connect_timeout_s
     )
     answer = await eng.until(
-        eng.resumed, timeout_s=opts.connect_timeout_s, what="the answer to the resumed MAIN"
+        eng.answers.resumed, timeout_s=opts.connect_timeout_s, what="the answer to the resumed MAIN"
     )
     if isinstance(answer, Complete):
         # Every page had arrived before the link went: the destination says so.

@@ -81,7 +81,8 @@ async def switch_over(eng: SourceEngine) -> None:
     eng.link.send_main(VmState(memoryview(blob)))
     stats.downtime_bytes += len(blob)
     eng.state_changed()
-    await eng.until(eng.ready, timeout_s=opts.ready_timeout_s, what="the destination's Ready")
+    ready = eng.answers.ready
+    await eng.until(ready, timeout_s=opts.ready_timeout_s, what="the destination's Ready")
     mark("wait-ready")
     eng.state_changed()
     # What the destination holds now, in case it never receives the Commit: a
