@@ -239,7 +239,14 @@ class Machine:
         self.config = config
         self.image = image
         self.params = params
-        self._cond = threading.Condition()
+        # One lock, two conditions: vCPU threads wait on ``_wake`` (run state changes
+        # for them: start, pause, resume, stop, a crash), their owner waits on
+        # ``_cond`` (vCPU state changes: loaded, parked, stopped, halted).  A vCPU that
+        # parks therefore wakes only its owner, not the other parked vCPUs (eight
+        # vCPUs parking used to wake each other 64 times, each wake-up taking the GIL).
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._wake = threading.Condition(lock)
         self._runstate = Runstate.CREATED
         self._pause_requested = False
         self._stop_requested = False
@@ -466,10 +473,10 @@ class Machine:
                     self._runstate = Runstate.STOPPED
                 else:
                     self._runstate = Runstate.PAUSED if paused else Runstate.RUNNING
-                self._cond.notify_all()
+                self._wake.notify_all()
                 return
             self._stop_requested = True
-            self._cond.notify_all()
+            self._wake.notify_all()
         self.stop()
         if failed is not None:
             raise MachineStateError(
@@ -493,7 +500,7 @@ class Machine:
             self._pause_requested = True
             for r in self._runners:
                 r.vcpu.immediate_exit = True
-            self._cond.notify_all()  # wakes vCPU threads sleeping for port 0x513
+            self._wake.notify_all()  # vCPU threads sleeping for port 0x513
         self._kick_all()
         with self._cond:
             settled = self._cond.wait_for(
@@ -508,7 +515,7 @@ class Machine:
                 self._pause_requested = False
                 for r in self._runners:
                     r.vcpu.immediate_exit = False
-                self._cond.notify_all()
+                self._wake.notify_all()
                 raise MachineStateError(
                     f"vCPU(s) {busy} did not leave KVM_RUN within {timeout_s:g} s; "
                     "the machine keeps running",
@@ -527,7 +534,7 @@ class Machine:
                 r.vcpu.immediate_exit = False
             self._pause_requested = False
             self._runstate = Runstate.RUNNING
-            self._cond.notify_all()
+            self._wake.notify_all()
 
     def stop(self, *, timeout_s: float = _THREAD_JOIN_S) -> None:
         """End all vCPU threads (from any state; idempotent).  The guest gets no say:
@@ -537,7 +544,7 @@ class Machine:
             self._stop_requested = True
             for r in self._runners:
                 r.vcpu.immediate_exit = True
-            self._cond.notify_all()
+            self._wake.notify_all()
         self._kick_all()
         deadline = time.monotonic() + timeout_s
         for r in self._runners:
@@ -762,7 +769,7 @@ class Machine:
             r.init_done = True
             self._cond.notify_all()
             # Run nothing before start() has settled the run state.
-            self._cond.wait_for(lambda: self._started)
+            self._wake.wait_for(lambda: self._started)
         try:
             self._run_loop(r)
         except BaseException as exc:  # a bug or an unexpected KVM error: a crash, not a traceback
@@ -777,7 +784,7 @@ class Machine:
                     while self._pause_requested and not self._stop_requested:
                         r.runstate = VcpuRunstate.PARKED
                         self._cond.notify_all()
-                        self._cond.wait()
+                        self._wake.wait()
                     if self._stop_requested:
                         if r.runstate is not VcpuRunstate.CRASHED:
                             r.runstate = VcpuRunstate.STOPPED
@@ -829,8 +836,8 @@ class Machine:
                 return True
             if port == PORT_SLEEP_US:
                 sleep_s = min(int.from_bytes(e.data[: e.size], "little") / 1e6, MAX_SLEEP_S)
-                with self._cond:
-                    self._cond.wait_for(
+                with self._wake:
+                    self._wake.wait_for(
                         lambda: self._pause_requested or self._stop_requested, sleep_s
                     )
                 return True
@@ -872,6 +879,7 @@ class Machine:
             for other in self._runners:
                 other.vcpu.immediate_exit = True
             self._cond.notify_all()
+            self._wake.notify_all()  # the other vCPUs stop too
         self._kick_all()
         self.board.wake()
         return False
