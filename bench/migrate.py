@@ -5,7 +5,8 @@
 Runs a real source VM process and a real receiver process (as `migrated demo`
 does), migrates, verifies the guest on the destination, and reports both sides'
 statistics, the targets of the migration issue, the memory migrated used beyond
-guest RAM (peak RSS minus guest RAM), and, measured in the same run, this machine's
+guest RAM (peak RSS minus guest RAM), the CPU seconds each thread of both processes
+used during the migration (``thread_cpu_s``), and, measured in the same run, this machine's
 loopback TCP throughput and the physical reference of ``bench/floor.py`` (C: loopback
 TCP into userfaultfd-registered memory, one UFFDIO_COPY per MiB) with migrated's
 fraction of it.  Not a test: no assertions.
@@ -22,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,65 @@ def loopback_tcp_bytes_per_s(nbytes: int = 2 << 30) -> float:
     return nbytes / (time.perf_counter() - t)
 
 
+class ThreadCpu:
+    """CPU seconds per thread name of some processes, sampled every 20 ms from
+    /proc/PID/task/*/stat (a process that exits keeps its last sample).  Threads are
+    named for the kernel by migrated (``vcpuN/VM``, ``migrated-push``, ...); the event
+    loop is the process's main thread."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.first: dict[tuple[str, int], tuple[str, int]] = {}
+        self.last: dict[tuple[str, int], tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for side, pid in self.pids.items():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                except OSError:
+                    continue
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                if int(tid) == pid:
+                    name = "main (event loop)"
+                fields = stat[stat.rindex(")") + 2 :].split()
+                ticks = int(fields[11]) + int(fields[12])  # utime + stime
+                self.first.setdefault((side, int(tid)), (name, ticks))
+                self.last[(side, int(tid))] = (name, ticks)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> ThreadCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def seconds(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {side: {} for side in self.pids}
+        for key, (name, ticks) in self.last.items():
+            side = key[0]
+            used = (ticks - self.first[key][1]) / self.tick
+            out[side][name] = round(out[side].get(name, 0.0) + used, 3)
+        return {
+            side: dict(sorted(((k, v) for k, v in names.items() if v > 0), key=lambda kv: -kv[1]))
+            for side, names in out.items()
+        }
+
+
 def peak_rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -93,12 +155,13 @@ async def migrate_once(args: argparse.Namespace) -> dict[str, Any]:
         warmup_s = None
         if args.host_warmup:
             warmup_s = round(warm_host_memory((args.memory_mib << 20) + (256 << 20)), 2)
-        result = await pair.migrate(
-            args.mode,
-            max_precopy_rounds=args.max_precopy_rounds,
-            checksum=args.checksum,
-            frame_pages=args.frame_pages,
-        )
+        with ThreadCpu({"source": src_pid, "destination": dst_pid}) as cpu:
+            result = await pair.migrate(
+                args.mode,
+                max_precopy_rounds=args.max_precopy_rounds,
+                checksum=args.checksum,
+                frame_pages=args.frame_pages,
+            )
         dst_rss = peak_rss_bytes(dst_pid)
         verify = await pair.verify_dest(timeout_s=300)
         dst = (await pair.dest_status()).get("migration") or {}
@@ -109,6 +172,7 @@ async def migrate_once(args: argparse.Namespace) -> dict[str, Any]:
             "destination": dst,
             "verify_ok": bool(verify.get("ok")),
             "verify": verify.get("reports"),
+            "thread_cpu_s": cpu.seconds(),
             "source_peak_rss_bytes": src_rss_before,
             "dest_peak_rss_bytes": dst_rss,
         }
@@ -167,6 +231,10 @@ def main() -> None:
             k: lat.get(k) for k in ("count", "p50_us", "p90_us", "p99_us", "max_us")
         },
         "dest_memory_overhead_bytes": dst_overhead,
+        # CPU seconds each thread used during the migration (this host has
+        # os.cpu_count() CPUs for all of them together)
+        "thread_cpu_s": run["thread_cpu_s"],
+        "cpus": os.cpu_count(),
         "verify_ok": run["verify_ok"],
         "targets": {
             "effective_GB_per_s>=3": ram / total_s >= 3e9,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrated.errors import MigratedError
+from migrated.kernel import set_thread_name
 
 __all__ = ["Worker"]
 
@@ -81,6 +82,7 @@ class Worker:
         return await asyncio.shield(self.done)
 
     def _main(self) -> None:
+        set_thread_name(self.name)  # what top -H and per-thread accounting show
         if self.nice:
             # Lower this thread's priority only (Linux: a thread is a task); raising it
             # back would need privileges, lowering never does.

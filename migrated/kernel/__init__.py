@@ -17,6 +17,7 @@ from .pagemap import InstallResult, MappedRegion, PageMap
 from .pushloop import PushLoop, TxEvent, TxStats
 from .recvloop import ReceiveLoop, RxEvent, RxStats
 from .regs import DTable, Regs, Segment, Sregs, VcpuState
+from .task import set_thread_name
 from .uffd import CopyResult, FaultEvent, UffdEventKind, UffdFeature, Userfaultfd
 
 __all__ = [
@@ -55,4 +56,5 @@ __all__ = [
     "Vm",
     "find_zero_pages",
     "page_is_zero",
+    "set_thread_name",
 ]

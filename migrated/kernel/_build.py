@@ -263,6 +263,7 @@ size_t mig_sizeof_xcrs(void);
 size_t mig_sizeof_vcpu_events(void);
 size_t mig_sizeof_debugregs(void);
 
+int mig_set_thread_name(const char *name);
 int mig_set_supported_cpuid(int kvm_fd, int vcpu_fd);
 int mig_get_msr_index_list(int kvm_fd, uint32_t *out, int max);
 int mig_get_msrs(int vcpu_fd, const uint32_t *indices, uint64_t *values, int n);
@@ -357,6 +358,7 @@ SOURCE_HEAD = r"""
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <linux/kvm.h>
@@ -388,6 +390,12 @@ struct kvm_pre_fault_memory {
 
 @SHARED@
 
+
+/* The calling thread's kernel name (comm: top -H, ps -L, /proc/PID/task/TID/comm),
+ * truncated by the kernel to 15 bytes.  Returns 0 or -errno. */
+int mig_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) < 0 ? -errno : 0;
+}
 
 void mig_run_io(struct kvm_run *run, struct mig_io_exit *out) {
     out->direction = run->io.direction;

@@ -33,7 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrated.errors import GuestCrashed, MachineStateError
-from migrated.kernel import ExitReason, GuestMemory, Kvm, Regs, Vcpu, VcpuExit, VcpuState, Vm
+from migrated.kernel import (
+    ExitReason,
+    GuestMemory,
+    Kvm,
+    Regs,
+    Vcpu,
+    VcpuExit,
+    VcpuState,
+    Vm,
+    set_thread_name,
+)
 
 from . import boot
 from .config import VmConfig
@@ -756,6 +766,7 @@ class Machine:
 
     def _vcpu_main(self, r: _Runner) -> None:
         """Body of a vCPU thread.  Never raises: failures become crash records."""
+        set_thread_name(f"vcpu{r.vcpu.index}/{self.config.name}")  # QEMU: "CPU 0/KVM"
         try:
             self._load_initial_state(r)
         except BaseException as exc:
