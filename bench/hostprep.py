@@ -15,7 +15,11 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
@@ -51,6 +55,18 @@ def describe(old_order: str | None) -> str:
     if old_order is None:
         return "as the host has it"
     return f"off for the run (was order {old_order}), memory warmed"
+
+
+def run_with_reporting_off(main: Callable[[], Coroutine[Any, Any, T]]) -> tuple[T, str]:
+    """Run ``main()`` on uvloop with free page reporting off (restored afterwards, also
+    when it raises); returns its result and :func:`describe` of what was measured."""
+    import uvloop
+
+    old = disable_page_reporting()
+    try:
+        return uvloop.run(main()), describe(old)
+    finally:
+        restore_page_reporting(old)
 
 
 def load_1m() -> float:

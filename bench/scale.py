@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.hostprep import disable_page_reporting, restore_page_reporting, warm_host_memory
+from bench.hostprep import run_with_reporting_off, warm_host_memory
 from bench.migrate import peak_rss_bytes
 from migrated.demo import LocalPair
 
@@ -132,19 +132,8 @@ def main() -> None:
     p.add_argument("--big-mib", type=int, default=10240)
     args = p.parse_args()
 
-    import uvloop
-
-    old = disable_page_reporting()
-    try:
-        result = uvloop.run(run(args))
-    finally:
-        restore_page_reporting(old)
-    print(json.dumps({
-        "benchmark": "scale",
-        "host_page_reporting": f"off for the run (was order {old}), memory warmed"
-        if old is not None else "as the host has it",
-        **result,
-    }, indent=1))  # fmt: skip
+    result, reporting = run_with_reporting_off(lambda: run(args))
+    print(json.dumps({"benchmark": "scale", "host_page_reporting": reporting, **result}, indent=1))
 
 
 if __name__ == "__main__":

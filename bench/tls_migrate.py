@@ -27,7 +27,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hostprep import disable_page_reporting, restore_page_reporting, warm_host_memory
+from bench.hostprep import run_with_reporting_off, warm_host_memory
 from migrated.demo import CONFIG
 from migrated.errors import MigratedError
 from migrated.service.control import request, stream
@@ -155,14 +155,9 @@ def main() -> None:
     p.add_argument("--memory-mib", type=int, default=1024)
     p.add_argument("--runs", type=int, default=2)
     args = p.parse_args()
-    import uvloop
-
-    old = disable_page_reporting()
-    try:
-        result = uvloop.run(run(args))
-    finally:
-        restore_page_reporting(old)
-    print(json.dumps({"benchmark": "tls_migrate", "config": vars(args), **result}, indent=1))
+    result, reporting = run_with_reporting_off(lambda: run(args))
+    print(json.dumps({"benchmark": "tls_migrate", "config": vars(args),
+                      "host_page_reporting": reporting, **result}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
