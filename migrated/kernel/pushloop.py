@@ -28,11 +28,9 @@ Facts we rely on:
 from __future__ import annotations
 
 import enum
-import os
-import threading
 from dataclasses import dataclass
-from typing import Any
 
+from ._cloop import CLoop
 from ._util import ffi, lib, raise_errno
 from .pagemap import PageMap
 
@@ -63,7 +61,7 @@ class TxStats:
     wait_s: float
 
 
-class PushLoop:
+class PushLoop(CLoop):
     """The C push loop writing to socket ``fd`` the unsent pages of ``pagemap`` (whose
     bitmap is the sent bitmap), in frames of at most ``max_frame_pages`` pages."""
 
@@ -78,12 +76,7 @@ class PushLoop:
         tx = lib.mig_tx_new(pagemap.c, fd, max_frame_pages)
         if tx == ffi.NULL:
             raise_errno(ffi.errno or 12, "allocating the push loop")
-        self._tx: Any = tx
-        self._busy = threading.Lock()
-        #: Held by close() while it frees the C loop and by the any-thread calls
-        #: (interrupt, jump) while they touch it: none of them may see it freed.
-        self._guard = threading.Lock()
-        self._final: TxStats | None = None
+        super().__init__(tx, lib.mig_tx_free, "the push loop")
 
     def run(self, *, batch_nbytes: int, timeout_s: float) -> TxEvent:
         """Push until an event.  Raises OSError with the errno of sendmsg/poll (EPIPE,
@@ -99,18 +92,8 @@ class PushLoop:
         """Start the next claim at ``page`` (locality after a fault).  Any thread."""
         if 0 <= page < self.pagemap.total_pages:
             with self._guard:
-                if self._tx is not None:
-                    self._tx.jump = page
-
-    def interrupt(self) -> None:
-        """Make a running (or the next) ``run()`` return INTERRUPTED.  Any thread;
-        a no-op once the loop is closed (there is nothing left to interrupt)."""
-        with self._guard:
-            tx = self._tx
-            if tx is None:
-                return
-            tx.interrupt = 1
-            os.eventfd_write(int(tx.wake_fd), 1)
+                if self._handle is not None:
+                    self._handle.jump = page
 
     @property
     def cursor(self) -> int:
@@ -125,7 +108,7 @@ class PushLoop:
     @property
     def stats(self) -> TxStats:
         """Counters so far (after ``close()``: the final ones)."""
-        if self._tx is None and self._final is not None:
+        if self._handle is None and self._final is not None:
             return self._final
         s = self._live().stats
         return TxStats(
@@ -139,28 +122,3 @@ class PushLoop:
             int(s.send_ns) / 1e9,
             int(s.wait_ns) / 1e9,
         )
-
-    def _live(self) -> Any:
-        if self._tx is None:
-            raise ValueError("the push loop is closed")
-        return self._tx
-
-    def close(self) -> None:
-        """Free the loop (idempotent).  Raises RuntimeError while ``run()`` runs."""
-        if self._tx is None:
-            return
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("close() while run() is in progress: join its thread first")
-        try:
-            self._final = self.stats
-            with self._guard:
-                lib.mig_tx_free(self._tx)
-                self._tx = None
-        finally:
-            self._busy.release()
-
-    def __enter__(self) -> PushLoop:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import enum
 import mmap
-import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ._cloop import CLoop
 from ._util import ffi, lib, raise_errno
 from .bitmap import PageBitmap
 from .pagemap import PageMap, Runs
@@ -66,7 +65,7 @@ def staging_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-class ReceiveLoop:
+class ReceiveLoop(CLoop):
     """The C loop over socket ``fd`` installing into ``pagemap``.
 
     ``max_frame_nbytes`` must equal the Connection's ``max_frame_payload``: a larger
@@ -96,13 +95,8 @@ class ReceiveLoop:
         rx = lib.mig_rx_new(pagemap.c, fd, self._staging_c, len(self._staging_c), max_frame_nbytes)
         if rx == ffi.NULL:
             raise_errno(ffi.errno or 12, "allocating the receive loop")
-        self._rx: Any = rx
-        self._busy = threading.Lock()
-        #: Held by close() while it frees the C loop and by the any-thread calls
-        #: (interrupt) while they touch it: none of them may see it freed.
-        self._guard = threading.Lock()
+        super().__init__(rx, lib.mig_rx_free, "the receive loop")
         self._wanted: PageBitmap | None = None
-        self._final: RxStats | None = None
 
     def run(self, *, batch_nbytes: int, timeout_s: float) -> RxEvent:
         """Receive and install until an event.  Raises OSError for a socket or
@@ -146,16 +140,6 @@ class ReceiveLoop:
         self._wanted = wanted
         rx.wanted = ffi.NULL if wanted is None else wanted._c
 
-    def interrupt(self) -> None:
-        """Make a running (or the next) ``run()`` return INTERRUPTED soon.  Any thread;
-        a no-op once the loop is closed (there is nothing left to interrupt)."""
-        with self._guard:
-            rx = self._rx
-            if rx is None:
-                return
-            rx.interrupt = 1
-            os.eventfd_write(int(rx.wake_fd), 1)
-
     def clear_interrupt(self) -> None:
         self._live().interrupt = 0
 
@@ -166,7 +150,7 @@ class ReceiveLoop:
     @property
     def stats(self) -> RxStats:
         """Counters so far (after ``close()``: the final ones)."""
-        if self._rx is None and self._final is not None:
+        if self._handle is None and self._final is not None:
             return self._final
         s = self._live().stats
         return RxStats(
@@ -182,28 +166,5 @@ class ReceiveLoop:
             int(s.handbacks),
         )
 
-    def _live(self) -> Any:
-        if self._rx is None:
-            raise ValueError("the receive loop is closed")
-        return self._rx
-
-    def close(self) -> None:
-        """Free the loop (idempotent).  Raises RuntimeError while ``run()`` runs."""
-        if self._rx is None:
-            return
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("close() while run() is in progress: join its thread first")
-        try:
-            self._final = self.stats
-            with self._guard:
-                lib.mig_rx_free(self._rx)
-                self._rx = None
-            self._staging_c = None
-        finally:
-            self._busy.release()
-
-    def __enter__(self) -> ReceiveLoop:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _released(self) -> None:
+        self._staging_c = None
