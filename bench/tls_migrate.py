@@ -28,7 +28,7 @@ import trustme
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hostprep import run_with_reporting_off, warm_host_memory
-from migrated.demo import CONFIG
+from migrated.demo import CONFIG, stop_process
 from migrated.errors import MigratedError
 from migrated.service.control import request, stream
 from tests.service.certs import write_tls_dir
@@ -120,13 +120,7 @@ async def migrate_once(work: Path, mode: str, memory_mib: int) -> dict[str, Any]
         }
     finally:
         for p in (src, dst):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, 15)
         for f in logs:
             f.close()
 

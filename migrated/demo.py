@@ -24,7 +24,7 @@ from migrated.errors import MigratedError
 from migrated.service.control import request, stream
 from migrated.ui import Printer
 
-__all__ = ["LocalPair", "run_demo"]
+__all__ = ["LocalPair", "run_demo", "stop_process"]
 
 CONFIG = """\
 name = "{name}"
@@ -43,6 +43,19 @@ seed = {seed}
 
 def _migrated(*args: str) -> list[str]:
     return [sys.executable, "-m", "migrated", *args]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s`` (a VM split by postcopy ignores
+    SIGTERM on purpose); reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -151,14 +164,8 @@ class LocalPair:
 
     def stop(self) -> None:
         for proc in (self.source, self.dest):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                stop_process(proc)
         for sock in (self.src_sock, self.dst_sock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)
