@@ -68,17 +68,10 @@ class BulkReceiver:
         self._on_installed = on_installed
         self._loop = asyncio.get_running_loop()
         self._max_frame_nbytes = max_frame_nbytes
-        self._rx: AcceleratedReceiver | None = None
         self.accelerated = False
         self.normal_pages = 0
         self.zero_pages = 0
-        self.worker = Worker("migrated-bulk", self._run, on_stop=self._stop, nice=10)
-
-    def _stop(self) -> None:
-        rx = self._rx
-        if rx is not None:
-            rx.interrupt()
-        self.bc.stop()
+        self.worker = Worker("migrated-bulk", self._run, on_stop=bc.stop, nice=10)
 
     def _report(self, runs: Runs) -> None:
         if runs:
@@ -108,7 +101,7 @@ class BulkReceiver:
         assert isinstance(store.pagemap, PageMap)
         rx = AcceleratedReceiver(bc.sock, bc.conn, store.pagemap, HOOKS)
         rx.loop.watch(store.wanted)
-        self._rx = rx
+        worker.on_interrupt = rx.interrupt  # stop() wakes the C loop, as the push's
         self.accelerated = True
         normal = 0
         try:
@@ -116,7 +109,7 @@ class BulkReceiver:
                 got = rx.receive(batch_nbytes=_BATCH_NBYTES, timeout_s=_IDLE_S)
                 stats = rx.loop.stats
                 if got.runs:
-                    store.installed(got.runs, duplicates=0)
+                    store.installed(got.runs)
                     self._report(got.runs)
                 self.normal_pages = stats.normal_pages + rx.python_pages
                 self.zero_pages = stats.zero_pages
@@ -130,10 +123,11 @@ class BulkReceiver:
                 if got.reason is Reason.EOF:
                     return
         finally:
-            with store.lock:
-                store.duplicate_pages += rx.loop.stats.skipped_pages + rx.loop.stats.present_pages
-                store.install_s += rx.loop.stats.install_s
-            self._rx = None
+            final = rx.loop.stats
+            store.installed(
+                [], duplicates=final.skipped_pages + final.present_pages, install_s=final.install_s
+            )
+            worker.on_interrupt = None
             rx.close()
 
     # -- decoding in Python -------------------------------------------------------------
