@@ -262,14 +262,9 @@ class Machine:
         self._stop_requested = False
         self._started = False  # start() settled the run state; vCPU threads may run
         self._closed = False
-        adopted: list[Vcpu] = []
+        self._kvm: Kvm | None = None
+        self._owns_kvm = False
         self._vm: Vm | None = None
-        if shell is not None:
-            self._kvm, self._vm, adopted = shell.take()
-            self._owns_kvm = True
-        else:
-            self._owns_kvm = kvm is None
-            self._kvm = kvm if kvm is not None else Kvm.open()
         self.regions: list[MemoryRegion] = []
         self._runners: list[_Runner] = []
         self.board = board if board is not None else StatusBoard(config.vcpus)
@@ -278,8 +273,6 @@ class Machine:
             console if console is not None else config.console, bytes_written=console_bytes
         )
         try:
-            if self._vm is None:
-                self._vm = self._kvm.create_vm()
             if memory is None:
                 # A booted VM's RAM is never registered with userfaultfd: back it with
                 # transparent huge pages (as QEMU does), which makes the source's page
@@ -295,19 +288,17 @@ class Machine:
                         f"{config.memory_bytes} bytes"
                     )
             self.regions.append(MemoryRegion(slot=0, gpa=0, memory=memory, owned=owned))
-            if shell is None:
-                self._vm.set_memory_region(slot=0, gpa=0, memory=memory)
-            for i in range(config.vcpus):
+            if shell is None:  # the KVM VM, its slot and vCPUs, now
+                shell = VmShell(memory, config.vcpus, kvm=kvm)
+            self._kvm, self._vm, vcpus, self._owns_kvm = shell.take()
+            for i, vcpu in enumerate(vcpus):
                 state = initial_states[i] if initial_states is not None else None
-                vcpu = adopted[i] if adopted else self._vm.create_vcpu(i)
                 runner = _Runner(vcpu=vcpu, initial_state=state)
                 if halted is not None and halted[i]:
                     runner.halted_before = True
                     runner.runstate = VcpuRunstate.HALTED
                 self._runners.append(runner)
         except BaseException:
-            for v in adopted[len(self._runners) :]:
-                v.close()
             self.close()
             raise
 
@@ -586,7 +577,7 @@ class Machine:
             for region in self.regions:
                 if region.owned:
                     region.memory.close()
-            if self._owns_kvm:
+            if self._owns_kvm and self._kvm is not None:
                 self._kvm.close()
             self.console.close()
 

@@ -22,14 +22,16 @@ __all__ = ["VmShell"]
 class VmShell:
     """/dev/kvm, a VM with ``memory`` in slot 0 at GPA 0, and ``vcpus`` vCPUs, none run.
 
-    Owned by whoever built it until a :class:`Machine` adopts it (:meth:`take`);
-    ``close()`` releases what it still owns and is idempotent.  Never closes
-    ``memory``."""
+    Every :class:`Machine` is built on one: made by the machine itself, or ahead by a
+    destination.  Owned by whoever built it until a machine adopts it (:meth:`take`);
+    ``close()`` releases what it still owns and is idempotent.  ``kvm`` given: used,
+    never closed here; else /dev/kvm is opened and owned.  Never closes ``memory``."""
 
-    def __init__(self, memory: GuestMemory, vcpus: int) -> None:
+    def __init__(self, memory: GuestMemory, vcpus: int, *, kvm: Kvm | None = None) -> None:
         self.memory = memory
         self.vcpu_count = vcpus
-        self._kvm: Kvm | None = Kvm.open()
+        self._owns_kvm = kvm is None
+        self._kvm: Kvm | None = kvm if kvm is not None else Kvm.open()
         self._vm: Vm | None = None
         self._vcpus: list[Vcpu] = []
         try:
@@ -44,13 +46,14 @@ class VmShell:
     def fits(self, memory: GuestMemory, vcpus: int) -> bool:
         return self._vm is not None and memory is self.memory and vcpus == self.vcpu_count
 
-    def take(self) -> tuple[Kvm, Vm, list[Vcpu]]:
-        """Hand the KVM objects over: from now on the caller closes them."""
-        kvm, vm, vcpus = self._kvm, self._vm, self._vcpus
+    def take(self) -> tuple[Kvm, Vm, list[Vcpu], bool]:
+        """Hand the KVM objects over, and whether /dev/kvm is the taker's to close:
+        from now on the caller closes them."""
+        kvm, vm, vcpus, owns_kvm = self._kvm, self._vm, self._vcpus, self._owns_kvm
         if kvm is None or vm is None:
             raise ValueError("VM shell already taken or closed")
-        self._kvm, self._vm, self._vcpus = None, None, []
-        return kvm, vm, vcpus
+        self._kvm, self._vm, self._vcpus, self._owns_kvm = None, None, [], False
+        return kvm, vm, vcpus, owns_kvm
 
     def close(self) -> None:
         for v in self._vcpus:
@@ -59,6 +62,6 @@ class VmShell:
         if self._vm is not None:
             self._vm.close()
             self._vm = None
-        if self._kvm is not None:
+        if self._kvm is not None and self._owns_kvm:
             self._kvm.close()
-            self._kvm = None
+        self._kvm = None

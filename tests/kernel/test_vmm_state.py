@@ -129,7 +129,8 @@ def test_a_shell_that_does_not_fit_is_refused_and_stays_the_callers(
         with copy_of(memory) as elsewhere, pytest.raises(VmStateError, match="does not fit"):
             Machine.restore(state, memory=elsewhere, shell=other)  # a shell over other memory
         # Still usable by its owner, who closes it.
-        kvm, vm, vcpus = shell.take()
+        kvm, vm, vcpus, owns_kvm = shell.take()
+        assert owns_kvm  # it opened /dev/kvm itself
         assert len(vcpus) == 1
         for v in vcpus:
             v.close()
